@@ -1,0 +1,62 @@
+"""Tiny random-weight causal LMs and a byte-level tokenizer for the eval/recover tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+)
+
+TOKENIZER_DIR = Path(__file__).parent / "data" / "byte_tokenizer"
+VOCAB = 257  # 256 byte symbols + <|endoftext|>
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: every UTF-8 byte is one token; id 0 is eos/bos/pad."""
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"),
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def tiny_config(family: str):
+    """Config of a 2-layer model of ``family`` (llama with GQA, opt, bloom)."""
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "llama":
+        return LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
+    if family == "opt":
+        return OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=32,
+            **common,
+        )
+    if family == "bloom":
+        return BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """Random-weight tiny model in eval mode, float32."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    return model.eval()
