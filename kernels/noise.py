@@ -71,9 +71,11 @@ def fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def row_keys(key: int, rows: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Per-row keys ``[rows]`` (int64 holding uint32) of the stream ``key``."""
-    r = torch.arange(rows, dtype=torch.int64, device=device)
+def row_keys(
+    key: int, rows: int, device: torch.device | str | None = None, row_start: int = 0
+) -> torch.Tensor:
+    """Keys ``[rows]`` (int64 holding uint32) of rows ``row_start:row_start+rows`` of ``key``."""
+    r = torch.arange(row_start, row_start + rows, dtype=torch.int64, device=device)
     return fmix32(_mul32(r, ROW_MUL) ^ key)
 
 
@@ -89,13 +91,14 @@ def rademacher(
     cols: int,
     device: torch.device | str | None = None,
     col_start: int = 0,
+    row_start: int = 0,
 ) -> torch.Tensor:
-    """Rademacher noise ``[rows, cols]`` float32 of +-1 for columns ``col_start:col_start+cols``.
+    """Rademacher noise ``[rows, cols]`` float32 of +-1.
 
-    ``col_start`` lets callers generate a column chunk of a wide tensor; it must be a multiple of 32
-    only for speed, any value gives the same numbers as slicing the full tensor.
+    ``row_start``/``col_start`` select the block ``[row_start:, col_start:]`` of a larger tensor:
+    the values equal slicing the full tensor, so callers can generate it chunk by chunk.
     """
-    rk = row_keys(stream_key(seed, tensor_id), rows, device)
+    rk = row_keys(stream_key(seed, tensor_id), rows, device, row_start)
     col = torch.arange(col_start, col_start + cols, dtype=torch.int64, device=device)
     w0 = col_start >> 5
     w1 = ((col_start + cols - 1) >> 5) + 1 if cols else w0
@@ -111,9 +114,10 @@ def gaussian(
     cols: int,
     device: torch.device | str | None = None,
     col_start: int = 0,
+    row_start: int = 0,
 ) -> torch.Tensor:
     """Standard normal noise ``[rows, cols]`` float32 (Box-Muller on two word hashes)."""
-    rk = row_keys(stream_key(seed, tensor_id), rows, device)
+    rk = row_keys(stream_key(seed, tensor_id), rows, device, row_start)
     col = torch.arange(col_start, col_start + cols, dtype=torch.int64, device=device)
     h1 = words(rk, 2 * col)
     h2 = words(rk, 2 * col + 1)
@@ -130,12 +134,13 @@ def noise(
     dist: str = "rademacher",
     device: torch.device | str | None = None,
     col_start: int = 0,
+    row_start: int = 0,
 ) -> torch.Tensor:
     """Noise ``[rows, cols]`` float32 of distribution ``dist`` (``rademacher`` or ``gaussian``)."""
     if dist == "rademacher":
-        return rademacher(seed, tensor_id, rows, cols, device, col_start)
+        return rademacher(seed, tensor_id, rows, cols, device, col_start, row_start)
     if dist == "gaussian":
-        return gaussian(seed, tensor_id, rows, cols, device, col_start)
+        return gaussian(seed, tensor_id, rows, cols, device, col_start, row_start)
     raise ValueError(f"dist must be one of {DISTS}, got {dist!r}")
 
 
