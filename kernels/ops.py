@@ -28,6 +28,10 @@ def backend_for(device: torch.device) -> str:
         return forced
     if device.type == "cuda":
         return "triton"
+    if device.type == "cpu":
+        from . import cpp
+
+        return "cpp" if cpp.available() else "reference"
     return "reference"
 
 
