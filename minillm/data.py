@@ -1,0 +1,104 @@
+"""Calibration text: a ``datasets`` name, a local text/JSON/JSONL file, or ``self``
+(the model writes its own calibration text: the offline default)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+HUB_CALIBRATION = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "train", "sentence"),
+    "c4": ("allenai/c4", "en", "train", "text"),
+    "bookcorpus": ("bookcorpus", None, "train", "text"),
+}
+
+
+def _record_text(row: dict) -> str:
+    if "text" in row:
+        return str(row["text"])
+    parts = [row.get(k, "") for k in ("instruction", "input", "output")]
+    return "\n".join(str(p) for p in parts if p)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Text of a plain file, or of the ``text`` (or instruction/input/output) fields of a
+    ``.json`` list or ``.jsonl`` file. FileNotFoundError names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such text file '{path}'")
+    if path.suffix == ".jsonl":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return "\n\n".join(_record_text(json.loads(x)) for x in lines if x.strip())
+    if path.suffix == ".json":
+        return "\n\n".join(_record_text(r) for r in json.loads(path.read_text(encoding="utf-8")))
+    return path.read_text(encoding="utf-8")
+
+
+def _hub_text(name: str) -> str:
+    import datasets
+
+    path, config, split, field = HUB_CALIBRATION[name]
+    try:
+        ds = datasets.load_dataset(path, config, split=split, streaming=name == "c4")
+    except Exception as err:  # offline: no hub, no cache
+        raise ValueError(
+            f"--calib: cannot fetch '{name}' through datasets ({type(err).__name__}); "
+            "pass a local text/JSON/JSONL file or 'self'"
+        ) from err
+    rows = ds.take(20000) if name == "c4" else ds
+    return "\n\n".join(r[field] for r in rows)
+
+
+def _random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    if ids.numel() <= seqlen:
+        raise ValueError(
+            f"--calib: text has {ids.numel()} tokens, need more than --seqlen {seqlen}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``[nsamples, seqlen]`` tokens sampled from the model itself, each sequence started
+    from BOS and a random vocabulary token (temperature 1, top-k 50)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    vocab = min(len(tokenizer), model.config.vocab_size)
+    first = torch.randint(0, vocab, (nsamples, 1), generator=gen)
+    bos = tokenizer.bos_token_id
+    prompt = first if bos is None else torch.cat([torch.full_like(first, bos), first], 1)
+    torch.manual_seed(seed)
+    out = model.generate(
+        prompt.to(device),
+        attention_mask=torch.ones_like(prompt).to(device),
+        do_sample=True,
+        top_k=50,
+        temperature=1.0,
+        max_new_tokens=seqlen - prompt.shape[1],
+        min_new_tokens=seqlen - prompt.shape[1],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[:, :seqlen].cpu()
+
+
+def calibration_batches(
+    source: str, tokenizer, nsamples: int, seqlen: int, seed: int, model=None
+) -> torch.Tensor:
+    """Calibration token ids ``LongTensor[nsamples, seqlen]`` from ``source`` (see module)."""
+    if source == "self":
+        return self_generated(model, tokenizer, nsamples, seqlen, seed)
+    if source in HUB_CALIBRATION:
+        text = _hub_text(source)
+    elif Path(source).is_file():
+        text = read_text(source)
+    else:
+        valid = ", ".join(["self", *HUB_CALIBRATION])
+        raise ValueError(f"--calib: '{source}' is neither a file nor one of: {valid}")
+    ids = tokenizer(text, return_tensors="pt").input_ids.reshape(-1)
+    return _random_windows(ids, nsamples, seqlen, seed)

@@ -1,0 +1,149 @@
+"""Saving and reloading pruned models: safetensors only, written atomically.
+
+A uniformly pruned model whose sizes plain transformers can express gets a plain config
+(loadable by ``AutoModelForCausalLM.from_pretrained``) plus a ``minillm`` entry with the
+per-layer records. Any other pruned model gets ``"model_type": "minillm_pruned"``, which
+plain transformers refuses to load, and is rebuilt by ``load_pruned``: the original
+config under ``minillm.base_config``, one record per layer (kept ``heads``, ``kv_heads``,
+``channels`` and the original ``head_ids`` of surviving heads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from minillm.adapters import adapter_for
+from minillm.models import parse_dtype
+from minillm.surgery import layer_records, resize_to_records
+
+PRUNED_MODEL_TYPE = "minillm_pruned"
+WEIGHTS = "model.safetensors"
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
+    """FileExistsError unless ``path`` is absent, empty, or ``overwrite`` is set."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out: '{path}' exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"--out: '{path}' exists and is not empty; pass --overwrite or choose another path"
+        )
+
+
+@contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+
+
+def _untied_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """State dict without duplicate storage of tied weights (first name wins)."""
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def _base_config(model: PreTrainedModel) -> dict:
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    for key in ("minillm", "quantization_config", "_name_or_path"):
+        config.pop(key, None)
+    return config
+
+
+def save_pruned(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -> dict:
+    """Write config.json, model.safetensors and the tokenizer into ``out_dir``.
+
+    Returns the config dict that was written (see module docstring for its two forms).
+    """
+    out_dir = Path(out_dir)
+    adapter = adapter_for(model)
+    records = layer_records(model, adapter)
+    base = _base_config(model)
+    plain = adapter.plain_config(model.config, records)
+    if plain is not None:
+        config = {**base, **plain, "minillm": {"layers": records}}
+    else:
+        config = {
+            "model_type": PRUNED_MODEL_TYPE,
+            "architectures": base.get("architectures"),
+            "dtype": base.get("dtype") or base.get("torch_dtype"),
+            "minillm": {"base_config": base, "layers": records},
+        }
+    save_file(_untied_state_dict(model), out_dir / WEIGHTS, metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return config
+
+
+def load_pruned(
+    path: str | os.PathLike, dtype: str | None = None, device: str = "cpu"
+) -> PreTrainedModel:
+    """Rebuild a model saved by minillm (uniform or per-layer sizes), in eval mode."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"'{path}' has no config.json: not a saved minillm model")
+    config = json.loads(config_file.read_text())
+    torch_dtype = parse_dtype(dtype) if dtype else None
+    if config.get("model_type") != PRUNED_MODEL_TYPE:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto")
+        return model.to(device).eval()
+    base = dict(config["minillm"]["base_config"])
+    base_config = AutoConfig.for_model(base.pop("model_type"), **base)
+    model = AutoModelForCausalLM.from_config(base_config, dtype=torch_dtype or torch.float32)
+    adapter = adapter_for(model)
+    resize_to_records(model, adapter, config["minillm"]["layers"])
+    state = load_file(path / WEIGHTS)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if _is_tied(model, k, state)}
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"'{path / WEIGHTS}' does not match its config: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def _is_tied(model: PreTrainedModel, key: str, state: dict) -> bool:
+    """Whether parameter ``key`` shares storage with a parameter present in ``state``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(key)
+    return target is not None and any(
+        params[k].data_ptr() == target.data_ptr() for k in state if k in params
+    )

@@ -1,0 +1,293 @@
+"""``python -m minillm.prune``: score, remove and save structures of a causal LM.
+
+Logs and progress go to stderr; the summary goes to stdout; report.json to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import minillm
+from minillm import allocation
+from minillm.adapters import adapter_for
+from minillm.criteria import CRITERIA, ScoringContext
+from minillm.data import HUB_CALIBRATION, calibration_batches
+from minillm.io import atomic_output_dir, check_output_dir, save_pruned
+from minillm.memory import PhaseMeter
+from minillm.models import DTYPES, load_model
+from minillm.surgery import layer_records, prune_layer
+
+log = logging.getLogger("minillm")
+
+
+@dataclass
+class PruneConfig:
+    """Every option of a pruning run; printed into report.json."""
+
+    model: str | None
+    gguf_file: str | None
+    ratio: float
+    criterion: str
+    target: str
+    layers: str | None
+    uniform: bool
+    gqa: str
+    calib: str
+    nsamples: int
+    seqlen: int
+    eval_text: str | None
+    eval_tokens: int
+    eval_seqlen: int
+    gradients: str
+    perturbations: int
+    eps: float
+    dist: str
+    compensate: bool
+    device: str
+    dtype: str
+    seed: int
+    out: str
+    overwrite: bool
+    quiet: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minillm.prune", description=__doc__)
+    p.add_argument("--model", help="hub id or local dir (default: embedded SmolLM2-135M GGUF)")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model, or a path to one")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=0.2,
+        help="fraction of the prunable parameters of the pruned layers to remove",
+    )
+    p.add_argument(
+        "--criterion", default="fms" if "fms" in CRITERIA else "magnitude", choices=sorted(CRITERIA)
+    )
+    p.add_argument("--target", choices=["heads", "channels", "both"], default="both")
+    p.add_argument(
+        "--layers",
+        help="inclusive range such as 3-27 (default: all but the "
+        "first n/8 and last n/16 layers, as LLM-Pruner)",
+    )
+    p.add_argument(
+        "--uniform",
+        action="store_true",
+        help="same ratio in every layer (default: one global ranking)",
+    )
+    p.add_argument(
+        "--gqa",
+        choices=["query", "kv"],
+        default="query",
+        help="GQA heads: remove query heads evenly per KV group, or whole KV groups",
+    )
+    p.add_argument(
+        "--calib",
+        default="self",
+        help=f"'self', a text/JSON/JSONL file, or one of {', '.join(HUB_CALIBRATION)}",
+    )
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sequence")
+    p.add_argument("--eval-text", help="held-out text file for perplexity before/after")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens of --eval-text used")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
+    p.add_argument(
+        "--gradients",
+        choices=["spsa", "backprop"],
+        default="spsa",
+        help="fms: forward-only SPSA estimate, or exact gradients (reference)",
+    )
+    p.add_argument("--perturbations", type=int, default=32, help="SPSA perturbations")
+    p.add_argument("--eps", type=float, default=1e-2, help="SPSA perturbation size")
+    p.add_argument("--dist", choices=["rademacher", "gaussian"], default="rademacher")
+    p.add_argument("--compensate", action="store_true", help="flap: fold removed means into biases")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no logs or progress bars")
+    return p
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """Layer indices of an inclusive range ``a-b`` (or one index); default as LLM-Pruner."""
+    if spec is None:
+        return list(range(max(1, n_layers // 8), n_layers - max(1, -(-n_layers // 16))))
+    try:
+        first, _, last = spec.partition("-")
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"--layers: '{spec}' is not a range such as 3-27") from None
+    if not 0 <= lo <= hi < n_layers:
+        raise ValueError(f"--layers: '{spec}' is outside 0-{n_layers - 1}")
+    return list(range(lo, hi + 1))
+
+
+def validate(cfg: PruneConfig) -> None:
+    """Reject bad input before any heavy work; each error names its flag."""
+    if not 0.0 < cfg.ratio < 1.0:
+        raise ValueError(f"--ratio: {cfg.ratio} is out of range; use a fraction in (0, 1)")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype: unsupported dtype '{cfg.dtype}'; valid: {', '.join(DTYPES)}")
+    if cfg.calib not in ("self", *HUB_CALIBRATION) and not Path(cfg.calib).is_file():
+        raise FileNotFoundError(
+            f"--calib: no such file '{cfg.calib}' (or use 'self', {', '.join(HUB_CALIBRATION)})"
+        )
+    if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
+        raise FileNotFoundError(f"--eval-text: no such file '{cfg.eval_text}'")
+    if cfg.model is not None and Path(cfg.model).suffix == ".gguf":
+        raise ValueError(
+            "--model: pass the GGUF's directory as --model and its name as --gguf-file"
+        )
+    if cfg.nsamples < 1 or cfg.seqlen < 2:
+        raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
+    check_output_dir(cfg.out, cfg.overwrite)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def eval_ppl(model, tokenizer, cfg: PruneConfig) -> float | None:
+    if cfg.eval_text is None:
+        return None
+    from minillm.perplexity import perplexity, read_text, tokenize_text
+
+    ids = tokenize_text(tokenizer, read_text(cfg.eval_text), cfg.eval_tokens)
+    return perplexity(model, ids, cfg.eval_seqlen, progress=not cfg.quiet)
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    versions = {
+        "minillm": minillm.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def run(cfg: PruneConfig) -> dict:
+    """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
+    validate(cfg)
+    meter = PhaseMeter(cfg.device)
+    with meter.phase("load"):
+        model, tokenizer = load_model(cfg.model, cfg.gguf_file, cfg.dtype, cfg.device)
+    adapter = adapter_for(model)
+    layers = parse_layers(cfg.layers, len(adapter.layers(model)))
+    with meter.phase("calibrate"):
+        batches = calibration_batches(
+            cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, model
+        )
+    ppl_before = eval_ppl(model, tokenizer, cfg)
+    params_before = count_params(model)
+    kinds = ["heads", "channels"] if cfg.target == "both" else [cfg.target]
+    groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in kinds]
+    ctx = ScoringContext(model, adapter, groups, batches, cfg.seed, options=asdict(cfg))
+    with meter.phase("score"):
+        scores = CRITERIA[cfg.criterion](ctx)
+    with meter.phase("prune"):
+        allocate = allocation.uniform if cfg.uniform else allocation.global_ranking
+        keep = allocate(groups, scores, cfg.ratio)
+        for layer in layers:
+            prune_layer(
+                model,
+                adapter,
+                layer,
+                keep.get((layer, "heads")),
+                keep.get((layer, "channels")),
+                cfg.gqa,
+            )
+    ppl_after = eval_ppl(model, tokenizer, cfg)
+    report = {
+        "model": cfg.model or "SmolLM2-135M-Instruct (embedded GGUF)",
+        "architecture": adapter.name,
+        "criterion": cfg.criterion,
+        "ratio": cfg.ratio,
+        "params_before": params_before,
+        "params_after": count_params(model),
+        "layers": layer_records(model, adapter),
+        "pruned_layers": layers,
+        "forward_passes": ctx.forward_passes,
+        "tokens_forwarded": ctx.tokens_forwarded,
+        "calibration_tokens": batches.numel(),
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+        "versions": library_versions(),
+    }
+    with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+        with meter.phase("save"):
+            save_pruned(model, tokenizer, tmp)
+        report.update(meter.summary())
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def summary(report: dict) -> str:
+    """Human-readable summary of a report (stdout)."""
+    before, after = report["params_before"], report["params_after"]
+    lines = [
+        f"model      {report['model']} ({report['architecture']})",
+        f"criterion  {report['criterion']}  ratio {report['ratio']}",
+        f"params     {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% removed)",
+    ]
+    if report["ppl_before"] is not None:
+        lines.append(f"perplexity {report['ppl_before']:.2f} -> {report['ppl_after']:.2f}")
+    t, m = report["time_s"], report["peak_memory_bytes"]
+    lines.append(f"time       {t['total']:.1f} s (score {t['score']:.1f} s)")
+    lines.append(f"peak mem   {m['total'] / 2**20:.0f} MiB (score {m['score'] / 2**20:.0f} MiB)")
+    lines.append(
+        f"forwards   {report['forward_passes']} passes, {report['tokens_forwarded']:,} tokens"
+    )
+    lines.append("layer  heads  kv  channels")
+    for i, rec in enumerate(report["layers"]):
+        lines.append(f"{i:>5}  {rec['heads']:>5}  {rec['kv_heads']:>2}  {rec['channels']:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = PruneConfig(**vars(args))
+    logging.basicConfig(
+        level=logging.WARNING if cfg.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    if cfg.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    start = time.perf_counter()
+    try:
+        report = run(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    log.info("saved to %s in %.1f s", cfg.out, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
