@@ -30,32 +30,67 @@ def uniform(groups: list[Group], scores: Scores, ratio: float) -> Keep:
     return keep
 
 
-def global_ranking(groups: list[Group], scores: Scores, ratio: float) -> Keep:
-    """Remove the lowest-scoring units across all groups until ``ratio`` of their parameters
-    are gone. Scores are compared per parameter after dividing by each group's mean score,
-    so criteria of different scales across layers stay comparable. A GQA partition step
-    (one head per KV group) is removed as one item. Every partition keeps one unit.
-    """
-    items = []  # (normalized score per parameter, group index, [unit ids])
+NORMALIZATIONS = ("mean", "standardize", "none")
+
+
+def _normalized(score: torch.Tensor, normalize: str) -> torch.Tensor:
+    s = score.double()
+    if normalize == "mean":
+        return s / s.mean().clamp_min(1e-30)
+    if normalize == "standardize":
+        return (s - s.mean()) / s.std().clamp_min(1e-30) if s.numel() > 1 else s * 0
+    if normalize == "none":
+        return s
+    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+
+
+def _rank_removals(groups: list[Group], scores: Scores, ratio: float, normalize: str) -> dict:
+    """Units to remove per group index, lowest normalized score first, within a param budget."""
+    items = []  # (normalized score of a removal step, group index, [unit ids])
     for gi, g in enumerate(groups):
-        s = scores[(g.layer, g.kind)].float()
-        s = s / s.mean().clamp_min(1e-12)
+        s = _normalized(scores[(g.layer, g.kind)], normalize)
         per = g.n_units // g.partitions
         order = s.view(g.partitions, per).argsort(dim=1)
-        cost = g.unit_params() * g.partitions
         for rank in range(per - 1):
             units = (order[:, rank] + torch.arange(g.partitions) * per).tolist()
-            items.append((float(s[units].sum()) / cost, gi, units))
+            items.append((float(s[units].mean()), gi, units))
     budget = ratio * sum(g.unit_params() * g.n_units for g in groups)
     removed: dict[int, set[int]] = {gi: set() for gi in range(len(groups))}
     spent = 0.0
     for _, gi, units in sorted(items, key=lambda t: t[0]):
-        if spent >= budget:
+        cost = groups[gi].unit_params() * len(units)
+        if spent + cost / 2 > budget:
             break
         removed[gi].update(units)
-        spent += groups[gi].unit_params() * len(units)
+        spent += cost
+    return removed
+
+
+def global_ranking(
+    groups: list[Group],
+    scores: Scores,
+    ratio: float,
+    normalize: str = "mean",
+    together: bool = False,
+) -> Keep:
+    """Remove the lowest-scoring units across layers until ``ratio`` of their parameters are gone.
+
+    Scores are made comparable across groups by ``normalize``: ``"mean"`` divides by the
+    group's mean (relative importance within the layer), ``"standardize"`` subtracts the mean
+    and divides by the standard deviation (FLAP), ``"none"`` uses them as they are (criteria
+    whose scores already carry a cross-layer scale; :func:`minillm.criteria.global_normalization`
+    says which). Units are ranked by normalized score, not per parameter, and the budget counts
+    parameters. ``together=False`` ranks heads and channels apart, each losing ``ratio`` of its
+    own parameters; ``True`` ranks them in one list. A GQA removal step (one query head in every
+    KV group) is one item scored by its mean, so head counts stay GQA-valid; every partition
+    keeps at least one unit.
+    """
+    kinds = [None] if together else sorted({g.kind for g in groups})
     keep = {}
-    for gi, g in enumerate(groups):
-        kept = [u for u in range(g.n_units) if u not in removed[gi]]
-        keep[(g.layer, g.kind)] = torch.tensor(kept, dtype=torch.long)
+    for kind in kinds:
+        sub = [g for g in groups if kind is None or g.kind == kind]
+        removed = _rank_removals(sub, scores, ratio, normalize)
+        for gi, g in enumerate(sub):
+            kept = [u for u in range(g.n_units) if u not in removed[gi]]
+            keep[(g.layer, g.kind)] = torch.tensor(kept, dtype=torch.long)
     return keep

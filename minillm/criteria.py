@@ -1,6 +1,31 @@
 """Importance criteria: each maps a group's units to scores (higher = more important).
 
 A criterion is a function ``(ctx: ScoringContext) -> {(layer, kind): Tensor[n_units]}``.
+A unit's weights are its producer rows and consumer columns (:mod:`minillm.adapters.base`);
+``X_j`` is input feature ``j`` of a weight's linear over all calibration tokens, ``G = dL/dW``
+for ``L`` the mean next-token loss of the calibration sequences.
+
+* ``magnitude``: ``sqrt(sum_u W_ij**2)``.
+* ``wanda-sp``: ``A_u = sum_{(i,j) in u} |W_ij| * ||X_j||_2``.
+* ``flap``: ``sum_{j in consumer cols of u} Var(X_j) * ||W_:,j||**2``; compare across layers
+  with ``normalize="standardize"`` (:data:`GLOBAL_NORMALIZATION`); optional bias compensation
+  :func:`compensate`.
+* ``taylor`` (backprop): ``sum_{(i,j) in u} |W_ij * G_ij|`` (LLM-Pruner, element-wise, first order).
+* ``fms`` (MINI-LLM feature map sensitivity), per weight ``|W_ij| * ||X_j||_2 * |G_ij|``:
+
+  - ``fms_variant="weight"`` (paper-faithful): ``S_u = sum_{(i,j) in u} |W_ij| ||X_j|| |G_ij|``
+    with ``G`` per weight (SPSA over all weights, or backprop);
+  - ``fms_variant="unit"``: the gradient at unit resolution, ``g_u = dL/dm_u`` of a multiplier
+    of the unit's output (``= sum_{consumer cols of u} W_ij G_ij``): ``S_u = A_u * |g_u|``;
+  - ``fms_variant="layer"`` (default): the gradient at the resolution SPSA resolves, one
+    multiplier per group: ``S_u = A_u / mean_v(A_v) * (|g_l| / mean_l'(|g_l'|)) ** alpha``, the
+    mean over the groups of the same kind. Within a layer it ranks like ``wanda-sp``; across
+    layers the gradient sets how much each layer keeps (compare with ``normalize="none"``).
+
+  ``gradients="spsa"`` (default) estimates ``g`` from forward passes (:mod:`minillm.spsa`);
+  ``gradients="backprop"`` computes it exactly (:mod:`minillm.gradients`).
+
+Options read from ``ctx.options`` (defaults in :data:`DEFAULT_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -11,16 +36,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from minillm.adapters import Adapter, Group
+from minillm import gradients as exact
+from minillm import spsa
+from minillm.activations import InputStats, collect_input_stats
+from minillm.adapters import Adapter, Block, Group
+from minillm.kernels import ops
 
 Scores = dict[tuple[int, str], torch.Tensor]
+
+DEFAULT_OPTIONS = {
+    "batch_size": 8,  # sequences per statistics forward; SPSA/backprop use half (± doubles it)
+    "gradients": "spsa",  # fms: "spsa" (forward only) or "backprop"
+    "fms_variant": "layer",  # fms: "layer", "unit" or "weight" (paper-faithful)
+    "fms_alpha": 0.5,  # fms layer variant: exponent of the layer-gradient factor
+    "perturbations": 8,  # rounds K over the calibration set
+    "eps": None,  # None: 1e-2 (relative, multipliers) or 1e-3 (weight units, per weight)
+    "dist": "rademacher",  # or "gaussian"
+    "spsa_sharing": None,  # None: "sequence" (multipliers) or "global" (per weight)
+}
 
 
 @dataclass
 class ScoringContext:
     """Everything a criterion may use; counters are updated by criteria that run the model.
 
-    ``batches`` is calibration token ids ``[n_samples, seqlen]``.
+    ``batches`` is calibration token ids ``[n_samples, seqlen]``. ``cache`` holds what one
+    criterion computed for another step (the input statistics, used by :func:`compensate`).
     """
 
     model: nn.Module
@@ -31,6 +72,40 @@ class ScoringContext:
     options: dict = field(default_factory=dict)
     forward_passes: int = 0
     tokens_forwarded: int = 0
+    cache: dict = field(default_factory=dict)
+
+    def option(self, name: str):
+        return self.options.get(name, DEFAULT_OPTIONS[name])
+
+    def count(self, passes: int, sequences_per_pass_factor: int = 1) -> None:
+        """Add ``passes`` forwards covering the calibration set ``sequences_per_pass_factor``x."""
+        self.forward_passes += passes
+        self.tokens_forwarded += self.batches.numel() * sequences_per_pass_factor
+
+
+def _linears(groups: list[Group]) -> list[nn.Linear]:
+    return list(dict.fromkeys(b.linear for g in groups for b in g.producers + g.consumers))
+
+
+def input_stats(ctx: ScoringContext) -> dict[nn.Linear, InputStats]:
+    """Input statistics of every producer and consumer linear (one calibration pass, cached)."""
+    if "stats" not in ctx.cache:
+        stats, passes = collect_input_stats(
+            ctx.model, _linears(ctx.groups), ctx.batches, ctx.option("batch_size")
+        )
+        ctx.count(passes)
+        ctx.cache["stats"] = stats
+    return ctx.cache["stats"]
+
+
+def _unit_sum(block: Block, per_weight: torch.Tensor) -> torch.Tensor:
+    """Sum of ``per_weight`` ``[out, in]`` over each unit's rows or columns: ``[n_units]``."""
+    return per_weight.sum(1 - block.dim).view(-1, block.size).sum(1)
+
+
+def _group_sum(g: Group, per_weight: Callable[[Block], torch.Tensor], consumers_only=False):
+    blocks = g.consumers if consumers_only else g.producers + g.consumers
+    return sum(_unit_sum(b, per_weight(b)) for b in blocks)
 
 
 def _unit_norms(block_weight: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -58,7 +133,180 @@ def random(ctx: ScoringContext) -> Scores:
     return {(g.layer, g.kind): torch.rand(g.n_units, generator=gen) for g in ctx.groups}
 
 
+def wanda_sp(ctx: ScoringContext) -> Scores:
+    """``A_u = sum_{(i,j) in u} |W_ij| * ||X_j||_2`` (structured Wanda)."""
+    stats = input_stats(ctx)
+    return {
+        (g.layer, g.kind): _group_sum(
+            g, lambda b: b.linear.weight.detach().float().abs() * stats[b.linear].norm
+        )
+        for g in ctx.groups
+    }
+
+
+def flap(ctx: ScoringContext) -> Scores:
+    """FLAP fluctuation: ``sum_{j in consumer cols of u} Var(X_j) * ||W_:,j||**2``."""
+    stats = input_stats(ctx)
+    return {
+        (g.layer, g.kind): _group_sum(
+            g,
+            lambda b: b.linear.weight.detach().float().pow(2) * stats[b.linear].var,
+            consumers_only=True,
+        )
+        for g in ctx.groups
+    }
+
+
+def taylor(ctx: ScoringContext) -> Scores:
+    """First-order Taylor by backprop: ``sum_{(i,j) in u} |W_ij * G_ij|``."""
+    grads, passes = exact.weight_gradients(
+        ctx.model, _linears(ctx.groups), ctx.batches, max(1, ctx.option("batch_size") // 2)
+    )
+    ctx.count(passes)
+    return {
+        (g.layer, g.kind): _group_sum(
+            g, lambda b: (b.linear.weight.detach() * grads[b.linear]).abs()
+        )
+        for g in ctx.groups
+    }
+
+
+def fms(ctx: ScoringContext) -> Scores:
+    """MINI-LLM feature map sensitivity; formulas and variants in the module docstring."""
+    variant = ctx.option("fms_variant")
+    if variant == "weight":
+        return _fms_weight(ctx)
+    if variant not in spsa.RESOLUTIONS:
+        raise ValueError(f"fms_variant must be weight, unit or layer, got {variant!r}")
+    a = wanda_sp(ctx)
+    grads = _multiplier_gradients(ctx, variant)
+    if variant == "unit":
+        return {
+            (g.layer, g.kind): a[(g.layer, g.kind)] * grads[i].abs()
+            for i, g in enumerate(ctx.groups)
+        }
+    alpha = ctx.option("fms_alpha")
+    scores = {}
+    for kind in {g.kind for g in ctx.groups}:
+        idx = [i for i, g in enumerate(ctx.groups) if g.kind == kind]
+        mag = torch.stack([grads[i].abs().sum() for i in idx])
+        factor = (mag / mag.mean().clamp_min(1e-30)).pow(alpha)
+        for f, i in zip(factor, idx, strict=True):
+            key = (ctx.groups[i].layer, kind)
+            scores[key] = a[key] / a[key].mean().clamp_min(1e-30) * f
+    return scores
+
+
+def _spsa_kwargs(ctx: ScoringContext, per_weight: bool) -> dict:
+    eps, sharing = ctx.option("eps"), ctx.option("spsa_sharing")
+    return dict(
+        n_perturbations=ctx.option("perturbations"),
+        eps=eps if eps is not None else (1e-3 if per_weight else 1e-2),
+        dist=ctx.option("dist"),
+        seed=ctx.seed,
+        sharing=sharing if sharing is not None else ("global" if per_weight else "sequence"),
+        batch_size=max(1, ctx.option("batch_size") // 2),
+    )
+
+
+def _multiplier_gradients(ctx: ScoringContext, resolution: str) -> list[torch.Tensor]:
+    half = max(1, ctx.option("batch_size") // 2)
+    if ctx.option("gradients") == "backprop":
+        grads, passes = exact.multiplier_gradients(
+            ctx.model, ctx.groups, ctx.batches, resolution, half
+        )
+        ctx.count(passes)
+        return grads
+    kw = _spsa_kwargs(ctx, per_weight=False)
+    est, passes = spsa.spsa_multipliers(
+        ctx.model, ctx.groups, ctx.batches, resolution=resolution, **kw
+    )
+    ctx.count(passes, 2 * kw["n_perturbations"])
+    ctx.cache["spsa_estimate"] = est
+    return [
+        spsa.multiplier_gradient(est, i, spsa.n_coords(g, resolution), kw["dist"])
+        for i, g in enumerate(ctx.groups)
+    ]
+
+
+def _fms_weight(ctx: ScoringContext) -> Scores:
+    stats = input_stats(ctx)
+    linears = _linears(ctx.groups)
+    if ctx.option("gradients") == "backprop":
+        grads, passes = exact.weight_gradients(
+            ctx.model, linears, ctx.batches, max(1, ctx.option("batch_size") // 2)
+        )
+        ctx.count(passes)
+        sums = {}
+        for lin in linears:
+            s = lin.weight.detach().float().abs() * stats[lin].norm * grads[lin].abs()
+            sums[lin] = (s.sum(1), s.sum(0))
+    else:
+        kw = _spsa_kwargs(ctx, per_weight=True)
+        est, passes = spsa.spsa_weights(ctx.model, list(enumerate(linears)), ctx.batches, **kw)
+        ctx.count(passes, 2 * kw["n_perturbations"])
+        ctx.cache["spsa_estimate"] = est
+        seeds, coeffs = [s for s, _ in est], [c for _, c in est]
+        sums = {
+            lin: ops.fms_scores(
+                lin.weight.detach(), stats[lin].norm, seeds, coeffs, tid, kw["dist"]
+            )
+            for tid, lin in enumerate(linears)
+        }
+    return {
+        (g.layer, g.kind): sum(
+            sums[b.linear][b.dim].view(-1, b.size).sum(1) for b in g.producers + g.consumers
+        )
+        for g in ctx.groups
+    }
+
+
+@torch.no_grad()
+def compensate(ctx: ScoringContext, keep: dict[tuple[int, str], torch.Tensor]) -> int:
+    """FLAP bias compensation; call **before** the surgery (it needs the removed columns).
+
+    For each consumer, ``bias += W[:, removed] @ mean(X[removed])`` so the layer's output keeps
+    the mean contribution of the removed units; a zero bias is added where the linear has none.
+    Returns the number of linears whose bias was created.
+    """
+    stats = input_stats(ctx)
+    created = 0
+    for g in ctx.groups:
+        kept = torch.zeros(g.n_units, dtype=torch.bool)
+        kept[keep[(g.layer, g.kind)]] = True
+        removed = (~kept).nonzero().flatten()
+        if removed.numel() == 0:
+            continue
+        for b in g.consumers:
+            lin = b.linear
+            cols = b.indices(removed)
+            delta = lin.weight[:, cols].float() @ stats[lin].mean[cols]
+            if lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+                created += 1
+            lin.bias += delta.to(lin.bias.dtype)
+    return created
+
+
+def global_normalization(criterion: str, options: dict | None = None) -> str:
+    """The ``normalize`` argument of :func:`minillm.allocation.global_ranking` for a criterion.
+
+    FLAP standardizes per group; the ``fms`` layer variant is comparable as it is (its layer
+    factor is the point); every other criterion is divided by its group mean.
+    """
+    options = options or {}
+    if criterion == "flap":
+        return "standardize"
+    if criterion == "fms" and options.get("fms_variant", DEFAULT_OPTIONS["fms_variant"]) == "layer":
+        return "none"
+    return "mean"
+
+
 CRITERIA: dict[str, Callable[[ScoringContext], Scores]] = {
     "random": random,
     "magnitude": magnitude,
+    "wanda-sp": wanda_sp,
+    "flap": flap,
+    "taylor": taylor,
+    "fms": fms,
 }

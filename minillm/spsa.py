@@ -1,0 +1,185 @@
+"""SPSA gradient estimates from forward passes only: a perturbation is a seed.
+
+Two kinds of variables are perturbed, both without touching (or copying) a parameter:
+
+* **structure multipliers** (:func:`spsa_multipliers`): every group (one layer's heads or
+  channels) gets ``n`` coordinates, one per unit (``resolution="unit"``) or one for the whole
+  group (``resolution="layer"``). Coordinate ``c`` multiplies the consumer-input columns of
+  its units, ``x[..., cols(c)] * (1 + m_c)``, at ``m = 0`` in the unperturbed model, so
+  ``dL/dm_c = sum_{(i,j) in consumer block of c} W_ij dL/dW_ij``.
+* **weights** (:func:`spsa_weights`, the paper-faithful per-weight estimate): every listed
+  linear computes with ``W +- eps Z`` through :func:`minillm.perturb.perturbed`.
+
+Estimator (central differences, ``+`` and ``-`` halves of one batch of ``2B`` sequences)::
+
+    d_kb   = (L_b(theta + eps z_kb) - L_b(theta - eps z_kb)) / (2 eps)      # one scalar
+    g_hat  = 1 / (K n) * sum_{k < K, b < n} d_kb z_kb
+
+over ``K`` rounds of the ``n`` calibration sequences, ``L_b`` the mean token loss of sequence
+``b``. ``z_kb`` is regenerated from ``(seed(k, b), tensor_id)`` by :mod:`minillm.kernels.noise`;
+``sharing`` decides which sequences share a perturbation: ``"global"`` (one per round, the
+classic estimate of the full-batch gradient), ``"batch"`` (one per forward pass) or
+``"sequence"`` (one per sequence: each sequence's difference is one more measurement for the
+same forward cost). The estimate is the list of ``(seed, coefficient)`` pairs; gradients are
+rebuilt from it on demand (:func:`multiplier_gradient`, :func:`minillm.kernels.ops.fms_scores`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from minillm.activations import sequence_losses
+from minillm.adapters import Group
+from minillm.kernels.noise import unit_noise
+
+Estimate = list[tuple[int, float]]
+SHARING = ("global", "batch", "sequence")
+RESOLUTIONS = ("unit", "layer")
+
+
+def n_coords(group: Group, resolution: str) -> int:
+    """Number of multiplier coordinates of ``group`` at ``resolution``."""
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+    return group.n_units if resolution == "unit" else 1
+
+
+def derive_seed(seed: int, k: int, b: int) -> int:
+    """Seed of round ``k``, slot ``b`` (a sequence or batch index) of an estimate with ``seed``."""
+    return ((seed & 0xFFFFFFFF) << 32) | ((k & 0xFFFF) << 16) | (b & 0xFFFF)
+
+
+@contextmanager
+def scaled_consumer_inputs(
+    groups: Sequence[Group], scale: Callable[[int], torch.Tensor], resolution: str
+) -> Iterator[None]:
+    """Multiply each group's consumer-input columns by per-coordinate factors.
+
+    ``scale(gi)`` gives ``[rows, n_coords]`` factors for group ``gi``: ``rows`` is 1 (all
+    sequences) or the batch size (one row per sequence). Hooks are removed on exit.
+    """
+    handles = []
+    for gi, g in enumerate(groups):
+        for block in g.consumers:
+            per_coord = g.n_units // n_coords(g, resolution) * block.size
+
+            def hook(mod, args, gi=gi, per_coord=per_coord):
+                x = args[0]
+                cols = scale(gi).repeat_interleave(per_coord, dim=-1).to(x.dtype)
+                # rows are sequences; OPT flattens [batch * seqlen, in] before fc2
+                y = x.reshape(cols.shape[0], -1, x.shape[-1]) * cols[:, None, :]
+                return (y.view(x.shape),)
+
+            handles.append(block.linear.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _slot(sharing: str, batch_index: int, seq_index: int) -> int:
+    if sharing not in SHARING:
+        raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
+    return {"global": 0, "batch": batch_index, "sequence": seq_index}[sharing]
+
+
+def _merge(coeffs: dict[int, float]) -> Estimate:
+    return [(s, c) for s, c in coeffs.items()]
+
+
+@torch.no_grad()
+def spsa_multipliers(
+    model: nn.Module,
+    groups: Sequence[Group],
+    tokens: torch.Tensor,
+    *,
+    resolution: str = "layer",
+    n_perturbations: int = 8,
+    eps: float = 1e-2,
+    dist: str = "rademacher",
+    seed: int = 0,
+    sharing: str = "sequence",
+    batch_size: int = 4,
+) -> tuple[Estimate, int]:
+    """SPSA estimate of ``dL/dm`` for the structure multipliers (see module docstring).
+
+    ``tokens`` ``[n, seqlen]``; each forward runs ``2 * batch_size`` sequences (the ``+`` and
+    ``-`` halves). Returns ``(estimate, forward_passes)``; group ``gi`` uses tensor id ``gi``.
+    """
+    n = tokens.shape[0]
+    coeffs: dict[int, float] = {}
+    passes = 0
+    for k in range(n_perturbations):
+        for bi, i0 in enumerate(range(0, n, batch_size)):
+            batch = tokens[i0 : i0 + batch_size]
+            b = batch.shape[0]
+            seeds = [derive_seed(seed, k, _slot(sharing, bi, i0 + j)) for j in range(b)]
+            uniq = list(dict.fromkeys(seeds))
+            rows = torch.tensor([uniq.index(s) for s in seeds])
+            sign = torch.cat([torch.ones(b), -torch.ones(b)])[:, None]
+            noise = [
+                torch.stack([unit_noise(s, gi, n_coords(g, resolution), dist) for s in uniq])[rows]
+                for gi, g in enumerate(groups)
+            ]
+
+            factors = [1 + eps * sign * z.repeat(2, 1) for z in noise]
+            with scaled_consumer_inputs(groups, factors.__getitem__, resolution):
+                losses = sequence_losses(model, torch.cat([batch, batch]))
+            passes += 1
+            d = (losses[:b] - losses[b:]).double() / (2 * eps)
+            for s, dj in zip(seeds, d.tolist(), strict=True):
+                coeffs[s] = coeffs.get(s, 0.0) + dj / (n_perturbations * n)
+    return _merge(coeffs), passes
+
+
+def multiplier_gradient(
+    estimate: Estimate, group_index: int, n: int, dist: str = "rademacher"
+) -> torch.Tensor:
+    """Gradient ``[n]`` of group ``group_index``'s multipliers rebuilt from ``estimate``."""
+    g = torch.zeros(n, dtype=torch.float64)
+    for s, c in estimate:
+        g += c * unit_noise(s, group_index, n, dist).double()
+    return g.float()
+
+
+@torch.no_grad()
+def spsa_weights(
+    model: nn.Module,
+    linears: Sequence[tuple[int, nn.Linear]],
+    tokens: torch.Tensor,
+    *,
+    n_perturbations: int = 8,
+    eps: float = 1e-3,
+    dist: str = "rademacher",
+    seed: int = 0,
+    sharing: str = "global",
+    batch_size: int = 4,
+) -> tuple[Estimate, int]:
+    """Per-weight SPSA estimate of ``dL/dW`` for ``linears`` (``(tensor_id, linear)`` pairs).
+
+    ``sharing`` is ``"global"`` or ``"batch"`` (a dense perturbation is the same for every
+    sequence of a pass). Returns ``(estimate, forward_passes)``.
+    """
+    from minillm.perturb import perturbed
+
+    if sharing == "sequence":
+        raise ValueError("per-weight perturbations are shared by a pass: use global or batch")
+    n = tokens.shape[0]
+    coeffs: dict[int, float] = {}
+    passes = 0
+    for k in range(n_perturbations):
+        for bi, i0 in enumerate(range(0, n, batch_size)):
+            batch = tokens[i0 : i0 + batch_size]
+            b = batch.shape[0]
+            s = derive_seed(seed, k, _slot(sharing, bi, 0))
+            with perturbed(linears, s, eps, dist, "dense"):
+                losses = sequence_losses(model, torch.cat([batch, batch]))
+            passes += 1
+            d = (losses[:b] - losses[b:]).double().sum().item() / (2 * eps)
+            coeffs[s] = coeffs.get(s, 0.0) + d / (n_perturbations * n)
+    return _merge(coeffs), passes
