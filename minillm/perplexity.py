@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from minillm.data import read_text
+
 # name -> (datasets path, config, split per purpose, text field, joiner)
 _HUB_DATASETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"test": "test", "valid": "validation"}, "text"),
@@ -44,24 +46,6 @@ class PerplexityResult:
 def eval_text_names() -> list[str]:
     """Dataset names that ``load_eval_text`` resolves through ``datasets``."""
     return sorted(_HUB_DATASETS)
-
-
-def read_text(path: str | os.PathLike) -> str:
-    """Text of a ``.txt``/``.raw`` file, or of a ``.json``/``.jsonl`` file's ``text`` fields."""
-    try:
-        from minillm.data import read_text as shared_read_text
-    except ImportError:  # minillm.data not landed yet
-        shared_read_text = None
-    if shared_read_text is not None:
-        return shared_read_text(path)
-    path = Path(path)
-    if path.suffix in (".json", ".jsonl"):
-        import json
-
-        with path.open(encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        return "\n\n".join(str(r["text"]) for r in rows)
-    return path.read_text(encoding="utf-8")
 
 
 def load_eval_text(name_or_path: str | os.PathLike, split: str = "test") -> str:

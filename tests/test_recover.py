@@ -1,0 +1,186 @@
+"""LoRA recovery: lowers the loss, merges exactly, resumes exactly, fails cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny_lm import byte_tokenizer, tiny_model
+
+from minillm.adapters import adapter_for
+from minillm.io import load_pruned, save_pruned
+from minillm.recover import RecoverConfig, add_lora, main, recovery_loss
+from minillm.surgery import first_units, layer_records, prune_layer
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def pruned_tiny(family: str = "llama"):
+    """Tiny model with layer 0 at half its heads and a quarter of its channels (non-uniform)."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    groups = adapter.groups(model, 0)
+    heads, channels = groups["heads"], groups["channels"]
+    prune_layer(
+        model,
+        adapter,
+        0,
+        first_units(heads, heads.n_units // 2),
+        first_units(channels, channels.n_units // 4),
+    )
+    return model
+
+
+@pytest.fixture
+def pruned_dir(tmp_path):
+    path = tmp_path / "pruned"
+    path.mkdir()
+    save_pruned(pruned_tiny(), byte_tokenizer(), path)
+    (path / "report.json").write_text(json.dumps({"criterion": "magnitude", "ratio": 0.5}))
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def mean_loss(model, ids: torch.Tensor, seqlen: int) -> float:
+    """Independent next-token CE of ``model`` over the ``seqlen`` chunks of ``ids``."""
+    chunks = ids[: ids.numel() // seqlen * seqlen].view(-1, seqlen)
+    with torch.no_grad():
+        logits = model(chunks).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunks[:, 1:].reshape(-1)).item()
+
+
+def recover_args(pruned_dir, text_file, out, *extra):
+    return [
+        str(pruned_dir),
+        "--data",
+        str(text_file),
+        "--out",
+        str(out),
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--quiet",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_recovery_lowers_training_loss_and_keeps_pruned_sizes(pruned_dir, text_file, tmp_path):
+    out = tmp_path / "recovered"
+    assert main(recover_args(pruned_dir, text_file, out, "--max-steps", "30")) == 0
+    before, after = load_pruned(pruned_dir), load_pruned(out)
+    ids = byte_tokenizer()(TEXT, return_tensors="pt").input_ids.reshape(-1)
+    assert mean_loss(after, ids, 32) < mean_loss(before, ids, 32) - 0.2
+    adapter = adapter_for(after)
+    assert layer_records(after, adapter) == layer_records(before, adapter)
+    report = json.loads((out / "report.json").read_text())
+    assert report["criterion"] == "magnitude"  # the pruning report is kept
+    curve = report["recovery"]["loss_curve"]
+    assert len(curve) == 30 and curve[-1]["loss"] < curve[0]["loss"]
+    assert not (tmp_path / "recovered.work").exists()
+
+
+def test_merged_model_logits_equal_unmerged_peft_model():
+    model = pruned_tiny()
+    peft_model = add_lora(model, RecoverConfig(model="", out="", dropout=0.0))
+    with torch.no_grad():  # LoRA B starts at zero: give the adapters a real effect
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.2)
+    peft_model.eval()
+    ids = torch.randint(1, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = peft_model.get_base_model()(ids).logits.clone()
+        with peft_model.disable_adapter():
+            plain = peft_model(ids).logits
+        adapted = peft_model(ids).logits
+        merged = peft_model.merge_and_unload()(ids).logits
+    assert not torch.allclose(adapted, plain, atol=1e-3)  # the adapters matter
+    assert torch.allclose(merged, adapted, atol=1e-5, rtol=1e-4)
+    assert base_logits.shape == merged.shape
+
+
+def test_resume_from_checkpoint_reproduces_uninterrupted_run(pruned_dir, text_file, tmp_path):
+    work = tmp_path / "work"
+    common = ["--max-steps", "6", "--save-every", "3", "--dropout", "0", "--work-dir", str(work)]
+    assert main(recover_args(pruned_dir, text_file, tmp_path / "full", *common)) == 0
+    assert (work / "checkpoint.pt").is_file()  # written at step 3 of 6
+    resumed_out = tmp_path / "resumed"
+    assert main(recover_args(pruned_dir, text_file, resumed_out, *common, "--resume")) == 0
+    full, resumed = load_pruned(tmp_path / "full"), load_pruned(resumed_out)
+    for (name, a), (_, b) in zip(
+        full.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+    curve = json.loads((resumed_out / "report.json").read_text())["recovery"]["loss_curve"]
+    assert [c["step"] for c in curve] == [1, 2, 3, 4, 5, 6]
+
+
+def test_missing_data_file_is_one_line_error_and_leaves_no_directory(pruned_dir, tmp_path, capsys):
+    out = tmp_path / "recovered"
+    assert main(recover_args(pruned_dir, tmp_path / "nope.jsonl", out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"python -m minillm.recover: error: --data: no such file '{tmp_path / 'nope.jsonl'}'"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_alpaca_jsonl_data_and_distillation_from_teacher(pruned_dir, tmp_path):
+    rows = [
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"instruction": "Add.", "input": "1+1", "output": "2"},
+    ] * 4
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    teacher = tmp_path / "teacher"
+    tiny_model("llama", seed=1).save_pretrained(teacher)
+    byte_tokenizer().save_pretrained(teacher)
+    out = tmp_path / "recovered"
+    argv = [
+        str(pruned_dir),
+        "--data",
+        str(data),
+        "--teacher",
+        str(teacher),
+        "--kd-weight",
+        "0.5",
+        "--max-steps",
+        "3",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    curve = json.loads((out / "report.json").read_text())["recovery"]["loss_curve"]
+    assert all({"ce", "kl", "loss"} <= set(c) for c in curve)
+    assert all(c["loss"] == pytest.approx(0.5 * c["ce"] + 0.5 * c["kl"]) for c in curve)
+
+
+def test_kd_loss_is_kl_of_teacher_to_student_on_labelled_tokens():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    labels = torch.randint(0, 7, (2, 5), generator=gen)
+    labels[1, 3:] = -100
+    _, parts = recovery_loss(student, labels, teacher, kd_weight=1.0)
+    kls = []
+    for b in range(2):
+        for t in range(4):
+            if labels[b, t + 1] != -100:
+                p = teacher[b, t].softmax(-1)
+                kls.append((p * (p.log() - student[b, t].log_softmax(-1))).sum())
+    assert parts["kl"] == pytest.approx(torch.stack(kls).mean().item(), rel=1e-5)
+    _, same = recovery_loss(student, labels, student.clone(), kd_weight=1.0)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6)
