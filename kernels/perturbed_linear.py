@@ -1,0 +1,198 @@
+"""Triton perturbed linear: the +-eps pair of a linear layer in one kernel, W read once, Z in
+registers, optional per-input-feature statistics reduced on the same read of x.
+
+Layout: ``x`` ``[M, K]`` stacks ``x+`` (rows ``[0, H)``) over ``x-`` (rows ``[H, 2H)``),
+``H = M/2``.
+A program owns output rows ``m`` and ``m + H`` for ``BM`` pair indices and ``BN`` output
+features. For every ``BK`` step it loads the ``W`` tile once, builds ``W + eps Z`` and ``W - eps Z``
+in registers and issues two dots (``x+`` with the first, ``x-`` with the second), so the pair costs
+the tensor-core FLOPs of one plain linear on ``M`` rows. ``kind="rows"`` scales the accumulators in
+the epilogue; ``kind="cols"`` scales the loaded ``x`` tiles (no noise per weight at all).
+
+Integer work of dense Rademacher noise (per ``BK x BN`` tile and per M-tile of ``2 BM`` tokens):
+``BK*BN/32`` fmix32 word hashes (2 mul + 4 xor + 3 shift ~ 10 ops, amortized ~0.3 op/weight)
+plus per weight a shift, an and, a convert and two fma (~5 ops). Against ``4 BM`` tensor-core
+FLOPs per weight per M-tile that is ~5/(4 BM) of the FLOP count: 1% at ``BM = 128`` (the pairing
+halves it: one generated Z tile serves both halves). Because CUDA-core integer throughput is ~15-30x
+below tensor-core throughput, this is why the noise is regenerated per M-tile only (loop over K
+inside, never per K-split), tiles are tall in M, and one hash yields 32 signs. Gaussian noise costs
+two hashes plus log/sqrt/cos per weight per M-tile and is only for small problems or CPU.
+
+Statistics: programs with ``pid_n == 0`` add ``sum_m x^2`` and ``sum_m x`` of their tiles to
+``[K]`` float32 buffers with atomics (one read of x serves the product and the statistics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .noise import stream_key
+from .noise_triton import as_int32, gaussian_tile, rademacher_tile, row_keys, unit_values
+
+KIND_CODES = {"dense": 0, "rows": 1, "cols": 2}
+
+# kernels below are decorated as interpreter functions when TRITON_INTERPRET=1 at import
+INTERPRETED = triton.knobs.runtime.interpret
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in float32; UPCAST (interpreter only: its bf16 dot is wrong) computes the
+    product from float32 copies of the operands."""
+    if UPCAST:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _perturbed_linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, sq_ptr, s_ptr,
+    H, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    key, eps,
+    PAIRED: tl.constexpr, KIND: tl.constexpr, GAUSSIAN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STATS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mask_m = rm < H
+    mask_n = rn < N
+    acc_p = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_m = tl.zeros((BM, BN), dtype=tl.float32)
+    if PAIRED and KIND == 0:
+        rkeys = row_keys(key, rn)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        mask_k = rk < K
+        xp_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+        xp = tl.load(xp_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
+            mask=mask_n[None, :] & mask_k[:, None],
+            other=0.0,
+        )  # [BK, BN] tile of W^T
+        if STATS:
+            xf = xp.to(tl.float32)
+            sq = tl.sum(xf * xf, axis=0)
+            s = tl.sum(xf, axis=0)
+        if PAIRED:
+            xm = tl.load(xp_ptrs + H * stride_xm, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if STATS:
+                xmf = xm.to(tl.float32)
+                sq += tl.sum(xmf * xmf, axis=0)
+                s += tl.sum(xmf, axis=0)
+            if KIND == 0:
+                if GAUSSIAN:
+                    z = gaussian_tile(rkeys[None, :], rk[:, None])
+                else:
+                    z = rademacher_tile(rkeys, k0, BK, BN)
+                wf = w.to(tl.float32)
+                wp = (wf + eps * z).to(w.dtype)
+                wm = (wf - eps * z).to(w.dtype)
+            else:
+                wp = w
+                wm = w
+                if KIND == 2:
+                    zc = unit_values(key, rk, GAUSSIAN)
+                    xp = (xp.to(tl.float32) * (1.0 + eps * zc)[None, :]).to(w.dtype)
+                    xm = (xm.to(tl.float32) * (1.0 - eps * zc)[None, :]).to(w.dtype)
+            acc_p = _dot(xp, wp, acc_p, IEEE, UPCAST)
+            acc_m = _dot(xm, wm, acc_m, IEEE, UPCAST)
+        else:
+            acc_p = _dot(xp, w, acc_p, IEEE, UPCAST)
+        if STATS:
+            if pid_n == 0:
+                tl.atomic_add(sq_ptr + rk, sq, mask=mask_k)
+                tl.atomic_add(s_ptr + rk, s, mask=mask_k)
+    if PAIRED and KIND == 1:
+        zr = unit_values(key, rn, GAUSSIAN)
+        acc_p = acc_p * (1.0 + eps * zr)[None, :]
+        acc_m = acc_m * (1.0 - eps * zr)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        acc_p += bias[None, :]
+        acc_m += bias[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(y_ptrs, acc_p.to(y_ptr.dtype.element_ty), mask=mask)
+    if PAIRED:
+        tl.store(y_ptrs + H * stride_ym, acc_m.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3),
+            (128, 128, 32, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 32, 4, 4),
+        ]
+    ]
+
+
+_autotuned = triton.autotune(
+    configs=_configs(), key=["H", "N", "K", "KIND", "PAIRED"], reset_to_zero=["sq_ptr", "s_ptr"]
+)(_perturbed_linear_kernel)
+
+
+def perturbed_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seed: int,
+    tensor_id: int,
+    eps: float,
+    dist: str = "rademacher",
+    kind: str = "dense",
+    stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the kernel; same contract as ``reference.perturbed_linear_ref``.
+
+    Autotuned tiles on GPU; fixed 16x16x32 tiles under ``TRITON_INTERPRET=1``.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from input dtype {x.dtype}")
+    paired = eps != 0.0
+    h = m // 2 if paired else m
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    sq = torch.zeros(k if stats else 1, dtype=torch.float32, device=x.device)
+    s = torch.zeros_like(sq)
+    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    args = (
+        x, weight, bias if bias is not None else y, y, sq, s,
+        h, n, k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        as_int32(stream_key(seed, tensor_id)), float(eps),
+    )  # fmt: skip
+    flags = dict(
+        PAIRED=paired,
+        KIND=KIND_CODES[kind],
+        GAUSSIAN=dist == "gaussian",
+        HAS_BIAS=bias is not None,
+        STATS=stats,
+        IEEE=ieee,
+    )
+    if INTERPRETED:
+        grid = (triton.cdiv(h, 16) * triton.cdiv(n, 16),)
+        _perturbed_linear_kernel[grid](*args, **flags, UPCAST=True, BM=16, BN=16, BK=32)
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(h, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+        _autotuned[grid](*args, **flags, UPCAST=False)
+    return (y, sq, s) if stats else (y, None, None)
