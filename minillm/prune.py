@@ -27,6 +27,7 @@ from minillm.models import DTYPES, load_model
 from minillm.surgery import layer_records, prune_layer
 
 log = logging.getLogger("minillm")
+DATA_FREE_CRITERIA = ("random", "magnitude")  # these never look at calibration text
 
 
 @dataclass
@@ -194,9 +195,11 @@ def run(cfg: PruneConfig) -> dict:
     adapter = adapter_for(model)
     layers = parse_layers(cfg.layers, len(adapter.layers(model)))
     with meter.phase("calibrate"):
-        batches = calibration_batches(
-            cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, model
-        )
+        batches = torch.empty(0, cfg.seqlen, dtype=torch.long)
+        if cfg.criterion not in DATA_FREE_CRITERIA:
+            batches = calibration_batches(
+                cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, model
+            )
     ppl_before = eval_ppl(model, tokenizer, cfg)
     params_before = count_params(model)
     kinds = ["heads", "channels"] if cfg.target == "both" else [cfg.target]

@@ -69,3 +69,45 @@ def tiny_model(family):
 @pytest.fixture
 def token_batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 3)]
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over ``WORDS`` (ids < VOCAB), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+    )
+
+
+def random_text(n_words: int, seed: int = 0) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, len(WORDS), (n_words,), generator=gen).tolist()
+    return " ".join(WORDS[i] for i in ids)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, family):
+    """A tiny model of ``family`` saved with its tokenizer, like a hub checkpoint."""
+    path = tmp_path / f"tiny-{family}"
+    make_tiny_model(family).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(random_text(4000))
+    return path

@@ -58,6 +58,12 @@ class Group:
         return total
 
 
+def same_sizes(records: list[dict]) -> bool:
+    """Whether every layer record has the same head, KV head and channel counts."""
+    keys = ("heads", "kv_heads", "channels")
+    return all(all(r[k] == records[0][k] for k in keys) for r in records)
+
+
 class Adapter:
     """Describes one architecture family: its layers, groups and per-layer attributes."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from minillm.adapters.base import Adapter, Block, Group
+from minillm.adapters.base import Adapter, Block, Group, same_sizes
 
 
 class LlamaAdapter(Adapter):
@@ -79,8 +79,8 @@ class LlamaAdapter(Adapter):
             attn.num_key_value_heads = sizes["kv_heads"]
 
     def plain_config(self, config, sizes: list[dict]) -> dict | None:
-        if any(s != sizes[0] for s in sizes):
-            return None
+        if not same_sizes(sizes) or config.hidden_size % sizes[0]["heads"]:
+            return None  # transformers' configs insist on hidden_size % heads == 0
         head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from minillm.adapters.base import Adapter, Block, Group
+from minillm.adapters.base import Adapter, Block, Group, same_sizes
 
 
 class OPTAdapter(Adapter):
@@ -52,6 +52,6 @@ class OPTAdapter(Adapter):
         self.layers(model)[layer].self_attn.num_heads = len(head_ids)
 
     def plain_config(self, config, sizes: list[dict]) -> dict | None:
-        if any(s != sizes[0] for s in sizes) or sizes[0]["heads"] != config.num_attention_heads:
+        if not same_sizes(sizes) or sizes[0]["heads"] != config.num_attention_heads:
             return None
         return {"ffn_dim": sizes[0]["channels"]}
