@@ -64,16 +64,14 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
 
 
 def _untied_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """State dict without duplicate storage of tied weights (first name wins)."""
-    seen: set[int] = set()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        state[name] = tensor.detach().contiguous().cpu()
-    return state
+    """State dict without the second name of tied parameters (e.g. a tied lm_head)."""
+    every = dict(model.named_parameters(remove_duplicate=False))
+    tied = every.keys() - dict(model.named_parameters()).keys()
+    return {
+        k: v.detach().contiguous() if v.is_meta else v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if k not in tied
+    }
 
 
 def _base_config(model: PreTrainedModel) -> dict:
@@ -82,6 +80,30 @@ def _base_config(model: PreTrainedModel) -> dict:
     for key in ("minillm", "quantization_config", "_name_or_path"):
         config.pop(key, None)
     return config
+
+
+def _plain_matches(config: dict, state: dict[str, torch.Tensor]) -> bool:
+    """Whether plain transformers builds exactly these tensors from ``config``: catches
+    configs it rejects and tensors it lacks (e.g. biases added by FLAP compensation)."""
+    config = dict(config)
+    try:
+        plain = AutoConfig.for_model(config.pop("model_type"), **config)
+        with torch.device("meta"):
+            reference = AutoModelForCausalLM.from_config(plain)
+    except (ValueError, TypeError, KeyError):
+        return False
+    shapes = {k: v.shape for k, v in _untied_state_dict(reference).items()}
+    return shapes == {k: v.shape for k, v in state.items()}
+
+
+def _add_missing_biases(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    """Create bias parameters that a saved model has and the rebuilt one lacks."""
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        if leaf == "bias" and isinstance(module, torch.nn.Linear) and module.bias is None:
+            module.bias = torch.nn.Parameter(torch.zeros_like(value))
 
 
 def save_pruned(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -> dict:
@@ -93,8 +115,9 @@ def save_pruned(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -
     adapter = adapter_for(model)
     records = layer_records(model, adapter)
     base = _base_config(model)
+    state = _untied_state_dict(model)
     plain = adapter.plain_config(model.config, records)
-    if plain is not None:
+    if plain is not None and _plain_matches({**base, **plain}, state):
         config = {**base, **plain, "minillm": {"layers": records}}
     else:
         config = {
@@ -103,7 +126,7 @@ def save_pruned(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -
             "dtype": base.get("dtype") or base.get("torch_dtype"),
             "minillm": {"base_config": base, "layers": records},
         }
-    save_file(_untied_state_dict(model), out_dir / WEIGHTS, metadata={"format": "pt"})
+    save_file(state, out_dir / WEIGHTS, metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
@@ -129,6 +152,7 @@ def load_pruned(
     adapter = adapter_for(model)
     resize_to_records(model, adapter, config["minillm"]["layers"])
     state = load_file(path / WEIGHTS)
+    _add_missing_biases(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if _is_tied(model, k, state)}
     if set(missing) - tied or unexpected:

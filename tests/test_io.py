@@ -97,3 +97,17 @@ def test_non_empty_output_is_refused_unless_overwrite(tmp_path):
     with atomic_output_dir(tmp_path, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("x")
     assert [p.name for p in tmp_path.iterdir()] == ["new.txt"]
+
+
+def test_biases_added_after_loading_survive_the_round_trip(token_batch, tmp_path):
+    """FLAP compensation adds biases LLaMA has none of: the output must not load as plain
+    LLaMA (it would drop them) and load_pruned must restore them."""
+    model = make_tiny_model("llama-gqa")
+    adapter = adapter_for(model)
+    for layer in range(3):
+        prune_layer(model, adapter, layer, None, torch.arange(0, 96, 2))
+    down = model.model.layers[1].mlp.down_proj
+    down.bias = torch.nn.Parameter(torch.randn(down.out_features))
+    assert save_pruned(model, None, tmp_path)["model_type"] == PRUNED_MODEL_TYPE
+    reloaded = load_pruned(tmp_path)
+    torch.testing.assert_close(logits(reloaded, token_batch), logits(model, token_batch))
