@@ -19,7 +19,7 @@ import torch
 import minillm
 from minillm import allocation
 from minillm.adapters import adapter_for
-from minillm.criteria import CRITERIA, ScoringContext
+from minillm.criteria import CRITERIA, ScoringContext, compensate, global_normalization
 from minillm.data import HUB_CALIBRATION, calibration_batches
 from minillm.io import atomic_output_dir, check_output_dir, save_pruned
 from minillm.memory import PhaseMeter
@@ -49,10 +49,13 @@ class PruneConfig:
     eval_tokens: int
     eval_seqlen: int
     gradients: str
-    perturbations: int
-    eps: float
+    fms_variant: str
+    perturbations: int | None
+    eps: float | None
     dist: str
+    batch_size: int
     compensate: bool
+    rank_together: bool
     device: str
     dtype: str
     seed: int
@@ -107,10 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="spsa",
         help="fms: forward-only SPSA estimate, or exact gradients (reference)",
     )
-    p.add_argument("--perturbations", type=int, default=32, help="SPSA perturbations")
-    p.add_argument("--eps", type=float, default=1e-2, help="SPSA perturbation size")
+    p.add_argument(
+        "--fms-variant",
+        choices=["layer", "unit", "weight"],
+        default="layer",
+        help="fms: gradient resolution; 'weight' is the paper-faithful per-weight form",
+    )
+    p.add_argument("--perturbations", type=int, help="SPSA rounds over the calibration set")
+    p.add_argument("--eps", type=float, help="SPSA perturbation size (default per variant)")
     p.add_argument("--dist", choices=["rademacher", "gaussian"], default="rademacher")
-    p.add_argument("--compensate", action="store_true", help="flap: fold removed means into biases")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per scoring forward")
+    p.add_argument("--compensate", action="store_true", help="fold removed means into biases")
+    p.add_argument(
+        "--rank-together",
+        action="store_true",
+        help="global ranking: heads and channels in one list (default: apart)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--seed", type=int, default=0)
@@ -168,6 +183,16 @@ def eval_ppl(model, tokenizer, cfg: PruneConfig) -> float | None:
     return perplexity(model, ids, cfg.eval_seqlen, progress=not cfg.quiet)
 
 
+def allocate(groups, scores, cfg: PruneConfig, options: dict) -> allocation.Keep:
+    """Kept units per group: uniform ratios, or one global ranking made comparable."""
+    if cfg.uniform:
+        return allocation.uniform(groups, scores, cfg.ratio)
+    normalize = global_normalization(cfg.criterion, options)
+    return allocation.global_ranking(
+        groups, scores, cfg.ratio, normalize=normalize, together=cfg.rank_together
+    )
+
+
 def library_versions() -> dict[str, str]:
     import transformers
 
@@ -196,7 +221,7 @@ def run(cfg: PruneConfig) -> dict:
     layers = parse_layers(cfg.layers, len(adapter.layers(model)))
     with meter.phase("calibrate"):
         batches = torch.empty(0, cfg.seqlen, dtype=torch.long)
-        if cfg.criterion not in DATA_FREE_CRITERIA:
+        if cfg.compensate or cfg.criterion not in DATA_FREE_CRITERIA:
             batches = calibration_batches(
                 cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, model
             )
@@ -204,12 +229,14 @@ def run(cfg: PruneConfig) -> dict:
     params_before = count_params(model)
     kinds = ["heads", "channels"] if cfg.target == "both" else [cfg.target]
     groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in kinds]
-    ctx = ScoringContext(model, adapter, groups, batches, cfg.seed, options=asdict(cfg))
+    options = {k: v for k, v in asdict(cfg).items() if v is not None}
+    ctx = ScoringContext(model, adapter, groups, batches, cfg.seed, options=options)
     with meter.phase("score"):
         scores = CRITERIA[cfg.criterion](ctx)
     with meter.phase("prune"):
-        allocate = allocation.uniform if cfg.uniform else allocation.global_ranking
-        keep = allocate(groups, scores, cfg.ratio)
+        keep = allocate(groups, scores, cfg, options)
+        if cfg.compensate:
+            compensate(ctx, keep)
         for layer in layers:
             prune_layer(
                 model,

@@ -133,3 +133,39 @@ def test_bad_dtype_and_missing_calibration_file_are_named(tmp_path, capsys, flag
     assert run_cli("--model", model_dir, flag, value, "--out", out) == 2
     assert flag in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+@pytest.mark.parametrize("criterion", ["wanda-sp", "flap", "taylor", "fms"])
+def test_every_data_criterion_prunes_from_a_calibration_file(
+    tiny_model_dir, calib_file, tmp_path, criterion
+):
+    out = tmp_path / "pruned"
+    extra = ["--compensate"] if criterion == "flap" else []
+    rc = run_cli(
+        "--model",
+        tiny_model_dir,
+        "--criterion",
+        criterion,
+        "--calib",
+        calib_file,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--layers",
+        "0-2",
+        "--ratio",
+        "0.3",
+        "--out",
+        out,
+        *extra,
+    )
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["forward_passes"] > 0 and report["tokens_forwarded"] >= 4 * 16
+    assert report["params_after"] < report["params_before"]
+    import minillm
+
+    reloaded = minillm.load_pruned(out)
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
