@@ -8,13 +8,14 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
 
 constexpr uint32_t kRowMul = 0x85EBCA77u;
 constexpr uint32_t kWordMul = 0xC2B2AE3Du;
-constexpr int64_t kChunkElems = 1 << 18;  // noise per chunk: 1 MiB of float32, cache-sized
+constexpr int64_t kChunkElems = 1 << 20;  // weights per chunk: 4 MiB of float32
 
 inline uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
@@ -39,6 +40,15 @@ inline float box_muller(uint32_t h1, uint32_t h2) {
   return std::sqrt(-2.0f * std::log(u1)) * std::cos(6.283185307179586f * u2);
 }
 
+// +1.0f if bit b of h is set, else -1.0f, without a branch (random bits defeat prediction):
+// the float is 1.0f with its sign bit set from the inverted bit.
+inline float sign_of_bit(uint32_t h, int64_t b) {
+  const uint32_t bits = 0x3F800000u | ((((~h) >> b) & 1u) << 31);
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // Noise of one row, columns [c0, c0 + n), written to out[0:n].
 void noise_row(uint32_t key, int64_t row, int64_t c0, int64_t n, bool gaussian, float* out) {
   const uint32_t rk = row_key(key, row);
@@ -54,10 +64,13 @@ void noise_row(uint32_t key, int64_t row, int64_t c0, int64_t n, bool gaussian, 
     const int64_t c = c0 + j;
     const uint32_t h = word(rk, c >> 5);
     const int64_t b0 = c & 31;
-    const int64_t len = std::min<int64_t>(32 - b0, n - j);
-    for (int64_t b = 0; b < len; ++b) {  // vectorizable: shift, and, convert
-      out[j + b] = static_cast<float>(static_cast<int32_t>((h >> (b0 + b)) & 1u) * 2 - 1);
+    if (b0 == 0 && n - j >= 32) {
+      for (int b = 0; b < 32; ++b) out[j + b] = sign_of_bit(h, b);
+      j += 32;
+      continue;
     }
+    const int64_t len = std::min<int64_t>(32 - b0, n - j);
+    for (int64_t b = 0; b < len; ++b) out[j + b] = sign_of_bit(h, b0 + b);
     j += len;
   }
 }
@@ -97,9 +110,10 @@ std::tuple<torch::Tensor, torch::Tensor> column_stats(const torch::Tensor& x) {
 }
 
 // kind: 0 dense, 1 rows, 2 cols. x [M, K] contiguous, w [N, K] contiguous.
-// Dense: for each chunk of output rows, builds W_c + eps Z_c and W_c - eps Z_c (transient,
-// 2 x kChunkElems elements in w's dtype) and runs two BLAS products on the two halves of x, so the
-// pair costs the FLOPs of one plain forward plus O(N K) noise work per call.
+// Dense: for each chunk of output rows, builds W_c + eps Z_c and W_c - eps Z_c (transient:
+// 2 x kChunkElems elements in w's dtype, 2 x 4 MiB in float32) and runs two BLAS products on
+// the two halves of x, so the pair costs the FLOPs of one plain forward plus O(N K) noise work
+// per call (x W^T +- eps x Z^T would cost the FLOPs of two).
 std::vector<torch::Tensor> perturbed_linear(torch::Tensor x, torch::Tensor w,
                                             c10::optional<torch::Tensor> bias, int64_t key,
                                             double eps, bool gaussian, int64_t kind, bool stats) {
@@ -163,8 +177,11 @@ std::vector<torch::Tensor> perturbed_linear(torch::Tensor x, torch::Tensor w,
           }
         });
       });
-      y.narrow(0, 0, h).narrow(1, r0, nr).copy_(torch::mm(xp, wp.narrow(0, 0, nr).t()));
-      y.narrow(0, h, m - h).narrow(1, r0, nr).copy_(torch::mm(xm, wm.narrow(0, 0, nr).t()));
+      // written in place: a column block of y is a valid BLAS output (leading dimension N)
+      auto yp = y.narrow(0, 0, h).narrow(1, r0, nr);
+      auto ym = y.narrow(0, h, m - h).narrow(1, r0, nr);
+      torch::mm_out(yp, xp, wp.narrow(0, 0, nr).t());
+      torch::mm_out(ym, xm, wm.narrow(0, 0, nr).t());
     }
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));

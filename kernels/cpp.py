@@ -5,9 +5,10 @@
 no ninja), :func:`available` returns False after ONE warning and the dispatcher uses the PyTorch
 reference instead.
 
-Transient memory of the dense perturbed linear: two chunks of ``2**18`` weights (1 MiB each in
-float32) holding ``W_c + eps Z_c`` and ``W_c - eps Z_c`` for a block of output rows, plus the
-``[M/2, chunk]`` products; ``kind="cols"`` makes one scaled copy of ``x`` ``[M, K]``.
+Transient memory of the dense perturbed linear: two chunks of at most ``2**20`` weights (4 MiB
+each in float32) holding ``W_c + eps Z_c`` and ``W_c - eps Z_c`` for a block of output rows; the
+products are written in place into ``y``. ``kind="cols"`` makes one scaled copy of ``x``
+``[M, K]``; ``kind="rows"`` none.
 """
 
 from __future__ import annotations
