@@ -82,7 +82,7 @@ def collect_input_stats(
 
 
 def chunked_lm_loss(
-    model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 128
+    model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 32
 ) -> torch.Tensor:
     """Mean next-token cross-entropy per sequence: ``[batch]`` float32.
 

@@ -71,8 +71,12 @@ def scaled_consumer_inputs(
                 x = args[0]
                 cols = scale(gi).repeat_interleave(per_coord, dim=-1).to(x.dtype)
                 # rows are sequences; OPT flattens [batch * seqlen, in] before fc2
-                y = x.reshape(cols.shape[0], -1, x.shape[-1]) * cols[:, None, :]
-                return (y.view(x.shape),)
+                if torch.is_grad_enabled() or not x.is_contiguous():
+                    y = x.reshape(cols.shape[0], -1, x.shape[-1]) * cols[:, None, :]
+                    return (y.view(x.shape),)
+                # forward only: the input is a temporary, scale it in place (no copy)
+                x.view(cols.shape[0], -1, x.shape[-1]).mul_(cols[:, None, :])
+                return (x,)
 
             handles.append(block.linear.register_forward_pre_hook(hook))
     try:
