@@ -46,7 +46,7 @@ CONFIGS = {
     "flap": ("flap", {}, "uniform"),
     "flap+compensate": ("flap", {"compensate": True}, "uniform"),
     "taylor": ("taylor", {}, "uniform"),
-    "fms-weight-spsa": ("fms", {"fms_variant": "weight"}, "uniform"),
+    "fms-weight-spsa": ("fms", {"fms_variant": "weight", "perturbations": 2}, "uniform"),
     "fms-weight-backprop": ("fms", {"fms_variant": "weight", "gradients": "backprop"}, "uniform"),
     "fms-layer-spsa/global": ("fms", {"fms_variant": "layer"}, "global"),
     "fms-layer-backprop/global": (
@@ -96,6 +96,7 @@ def masked(groups, keep, ctx, options):
         for b in g.consumers:
             b.linear.weight[:, b.indices(removed)] = 0
 
+    @torch.no_grad()
     def undo():
         for lin, w, bias in saved:
             lin.weight.copy_(w)
@@ -119,6 +120,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--layers", default="3-27", help="inclusive range of pruned layers")
+    p.add_argument("--kinds", default="channels", help="heads,channels or one of them")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--perturbations", type=int, default=4, help="SPSA rounds")
@@ -131,7 +133,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok, adapter, all_groups, calib = setup(args)
     lo, hi = (int(x) for x in args.layers.split("-"))
-    groups = [g for g in all_groups if lo <= g.layer <= hi]
+    kinds = args.kinds.split(",")
+    groups = [g for g in all_groups if lo <= g.layer <= hi and g.kind in kinds]
     texts = {
         "wikitext2_test": Path(args.test).read_text(encoding="utf-8"),
         "python_stdlib_docs": other_domain_text(),
@@ -163,6 +166,7 @@ def main() -> None:
             "other_domain_tokens_available": int(ids["python_stdlib_docs"].numel()),
         },
         "pruned_layers": args.layers,
+        "pruned_kinds": kinds,
         "threads": args.threads,
         "dense_ppl": ppl(),
         "results": [],
@@ -170,7 +174,7 @@ def main() -> None:
     print(json.dumps({"dense": out["dense_ppl"]}), file=sys.stderr, flush=True)
     for name in args.configs.split(","):
         criterion, options, alloc = CONFIGS[name]
-        options = {"perturbations": args.perturbations, **options}
+        options = {"perturbations": args.perturbations, **options}  # per-config rounds win
         ctx = ScoringContext(model, adapter, groups, calib, args.seed, options=options)
         meter = PhaseMeter("cpu")
         rss0 = _rss()
@@ -199,9 +203,9 @@ def main() -> None:
                 "forward_passes": ctx.forward_passes,
                 "tokens_forwarded": ctx.tokens_forwarded,
             }
+            print(json.dumps(row), file=sys.stderr, flush=True)
             undo()
             out["results"].append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
     json.dump(out, sys.stdout, indent=1)
 
 
