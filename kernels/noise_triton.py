@@ -90,7 +90,7 @@ def unit_values(key, units, GAUSSIAN: tl.constexpr):
     return (word_hash(rk, _u32(0)) & _u32(1)).to(tl.float32) * 2.0 - 1.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])
 def _noise_kernel(
     out_ptr,
     key,

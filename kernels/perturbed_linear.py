@@ -48,7 +48,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])  # a key equal to 1 must not become a constexpr
 def _perturbed_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, sq_ptr, s_ptr,
     H, N, K,
@@ -129,15 +129,20 @@ def _perturbed_linear_kernel(
 
 
 def _configs() -> list[triton.Config]:
+    """Tiles that compile for sm_90 without register spills (ptxas -v; dense kind, bf16).
+
+    ``BK = 32`` is the word size of the noise, so one hash per row and K step; ``BK = 64`` and
+    ``128 x 64`` tiles spilled. ``BM`` counts pairs: the effective tile is ``2 BM x BN``.
+    """
     return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-            (256, 128, 64, 8, 3),
-            (128, 128, 32, 4, 4),
-            (64, 128, 64, 4, 4),
-            (64, 64, 32, 4, 4),
+        triton.Config({"BM": bm, "BN": bn, "BK": 32}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 128, 8, 3),
+            (128, 128, 8, 4),
+            (64, 256, 8, 3),
+            (64, 128, 8, 4),
+            (64, 128, 4, 4),
+            (64, 64, 4, 4),
         ]
     ]
 
