@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from . import reference
+from .noise import DISTS
 
 BACKENDS = ("triton", "cpp", "reference")
 
@@ -67,7 +68,7 @@ def perturbed_linear(
     ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None; returns ``[M, N]`` in ``x.dtype``.
     See :mod:`minillm.kernels.reference` for ``kind`` and ``dist``; W is never modified or copied.
     """
-    reference.check_args(x, weight, eps, kind)
+    reference.check_args(x, weight, eps, kind, dist)
     y, _, _ = _impl(x.device, "perturbed_linear")(
         x, weight, bias, seed, tensor_id, eps, dist, kind, False
     )
@@ -90,7 +91,7 @@ def perturbed_linear_stats(
     Returns ``(y [M, N], sum_sq [K] float32, sum [K] float32)`` with sums over all M rows.
     With the default ``eps=0`` it is a plain linear with statistics (M need not be even).
     """
-    reference.check_args(x, weight, eps, kind)
+    reference.check_args(x, weight, eps, kind, dist)
     y, sum_sq, sum_ = _impl(x.device, "perturbed_linear")(
         x, weight, bias, seed, tensor_id, eps, dist, kind, True
     )
@@ -112,6 +113,8 @@ def fms_scores(
     coefficient (``Z_k = noise(seeds[k], tensor_id, N, K, dist)``). Returns float32
     ``(row_sums [N], col_sums [K])``: a row sum scores an output channel, a column sum an input one.
     """
+    if dist not in DISTS:
+        raise ValueError(f"dist must be one of {DISTS}, got {dist!r}")
     if len(seeds) != len(coeffs):
         raise ValueError(f"{len(seeds)} seeds but {len(coeffs)} coefficients")
     if weight.dim() != 2 or x_norm.shape != (weight.shape[1],):

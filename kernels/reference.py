@@ -24,14 +24,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .noise import noise, unit_noise
+from .noise import DISTS, noise, unit_noise
 
 KINDS = ("dense", "rows", "cols")
 CHUNK_ELEMS = 1 << 20  # noise generated per chunk by the reference: 4 MiB of float32
 
 
-def check_args(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> None:
+def check_args(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str, dist: str) -> None:
     """Validate the shared contract; raise ``ValueError`` naming the offending argument."""
+    if dist not in DISTS:
+        raise ValueError(f"dist must be one of {DISTS}, got {dist!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -65,7 +67,7 @@ def perturbed_linear_ref(
     Computes ``y = x W^T + b`` then adds ``+-eps * x Z^T`` in float32, generating ``Z`` in chunks of
     output rows (transient buffer: ``CHUNK_ELEMS`` floats of noise plus ``[M, chunk]`` of product).
     """
-    check_args(x, weight, eps, kind)
+    check_args(x, weight, eps, kind, dist)
     m, k = x.shape
     n = weight.shape[0]
     sum_sq = x.float().pow(2).sum(0) if stats else None

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from minillm.kernels import ops
 from minillm.kernels.noise import noise, unit_noise
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -125,3 +126,27 @@ def test_input_stats_match_hooked_inputs(backend: str) -> None:
         assert stats[tid].count == 13
         torch.testing.assert_close(stats[tid].sum_sq, xs.pow(2).sum(0), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(stats[tid].sum, xs.sum(0), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kind": "diag"}, "kind"),
+        ({"dist": "uniform"}, "dist"),
+        ({"x": torch.randn(3, 4)}, "even number of rows"),
+        ({"x": torch.randn(2, 5)}, r"x \[M, K\]"),
+    ],
+)
+def test_ops_reject_bad_arguments_on_every_backend(backend: str, kwargs: dict, match: str) -> None:
+    args = {
+        "x": torch.randn(2, 4),
+        "weight": torch.randn(3, 4),
+        "bias": None,
+        "seed": 1,
+        "tensor_id": 0,
+        "eps": 0.1,
+        "dist": "rademacher",
+        "kind": "dense",
+    } | kwargs
+    with pytest.raises(ValueError, match=match):
+        ops.perturbed_linear(**args)
