@@ -60,3 +60,17 @@ def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family))
     return model.eval()
+
+
+def pruned_tiny(family: str = "llama") -> torch.nn.Module:
+    """Tiny model with layer 0 at half its heads and a quarter of its channels (non-uniform)."""
+    from minillm.adapters import adapter_for
+    from minillm.surgery import first_units, prune_layer
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    groups = adapter.groups(model, 0)
+    heads, channels = groups["heads"], groups["channels"]
+    keep_heads = first_units(heads, heads.n_units // 2)
+    prune_layer(model, adapter, 0, keep_heads, first_units(channels, channels.n_units // 4))
+    return model

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from _tiny_lm import byte_tokenizer, tiny_model
+from _tiny_lm import byte_tokenizer, pruned_tiny, tiny_model
 
 from minillm.eval import main
+from minillm.io import save_pruned
 from minillm.perplexity import perplexity_stats
 
 TASK_DATA = Path(__file__).parent / "data" / "zeroshot"
@@ -87,3 +88,17 @@ def test_missing_task_file_is_a_one_line_error(model_dir, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith("no data for task boolq; expected boolq.jsonl or boolq/validation.jsonl")
+
+
+def test_eval_loads_non_uniform_pruned_model(tmp_path):
+    model = pruned_tiny("llama")
+    save_pruned(model, byte_tokenizer(), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "minillm_pruned"
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "res.json"
+    argv = [str(tmp_path), "--data-file", str(text), "--seqlen", "64", "--json", str(out)]
+    assert main([*argv, "--quiet"]) == 0
+    ids = byte_tokenizer()(TEXT, return_tensors="pt").input_ids
+    expected = perplexity_stats(model, ids, 64).ppl
+    assert json.loads(out.read_text())["ppl"]["text"] == pytest.approx(expected, rel=1e-5)

@@ -7,30 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_lm import byte_tokenizer, tiny_model
+from _tiny_lm import byte_tokenizer, pruned_tiny, tiny_model
 
 from minillm.adapters import adapter_for
 from minillm.io import load_pruned, save_pruned
 from minillm.recover import RecoverConfig, add_lora, main, recovery_loss
-from minillm.surgery import first_units, layer_records, prune_layer
+from minillm.surgery import layer_records
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
-
-
-def pruned_tiny(family: str = "llama"):
-    """Tiny model with layer 0 at half its heads and a quarter of its channels (non-uniform)."""
-    model = tiny_model(family)
-    adapter = adapter_for(model)
-    groups = adapter.groups(model, 0)
-    heads, channels = groups["heads"], groups["channels"]
-    prune_layer(
-        model,
-        adapter,
-        0,
-        first_units(heads, heads.n_units // 2),
-        first_units(channels, channels.n_units // 4),
-    )
-    return model
 
 
 @pytest.fixture
