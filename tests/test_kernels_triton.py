@@ -1,13 +1,23 @@
-"""Triton kernels against the PyTorch reference. Without CUDA they run on CPU under the Triton
-interpreter: this module sets ``TRITON_INTERPRET=1`` and (re)imports the kernel modules so their
-``@triton.jit`` functions are interpreter functions. The variable stays set for the session:
-Triton decorates its own library functions lazily, and a mix of interpreted and compiled ones
-fails; without CUDA no test could use compiled Triton anyway."""
+"""Triton kernels against the PyTorch reference.
+
+With CUDA they run compiled. Without it they run on CPU under the Triton interpreter, which
+needs ``TRITON_INTERPRET=1`` before Triton is first imported (Triton's own library functions
+are decorated at import, and compiled ones cannot be called from an interpreted kernel):
+
+* if Triton is not imported yet (or already in interpreter mode), this module sets the variable
+  and (re)imports the kernel modules; the variable stays set for the session, which costs
+  nothing since without CUDA no test can use compiled Triton;
+* if an earlier test module imported Triton in compiled mode, the module runs itself in a
+  subprocess with the variable set (one test, ``test_interpreter_suite_in_subprocess``) and
+  skips its tests in this process.
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,9 +30,21 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+def _mode() -> str:
+    if HAS_CUDA:
+        return "compiled"
+    triton = sys.modules.get("triton")
+    if triton is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return "interpreter"
+    return "subprocess"
+
+
+MODE = _mode()
+
+
 def _import_kernels():
     names = ["noise_triton", "perturbed_linear", "fms_scores"]  # dependency order
-    if HAS_CUDA:
+    if MODE != "interpreter":
         return [importlib.import_module(f"minillm.kernels.{n}") for n in names]
     os.environ["TRITON_INTERPRET"] = "1"
     return [importlib.reload(importlib.import_module(f"minillm.kernels.{n}")) for n in names]
@@ -30,6 +52,21 @@ def _import_kernels():
 
 noise_triton, perturbed_linear, fms_scores = _import_kernels()
 launch = perturbed_linear.perturbed_linear_triton
+
+
+@pytest.fixture(autouse=True)
+def _skip_when_delegated(request) -> None:
+    if MODE == "subprocess" and request.node.name != "test_interpreter_suite_in_subprocess":
+        pytest.skip("Triton was imported in compiled mode; this suite runs in a subprocess")
+
+
+@pytest.mark.skipif(MODE != "subprocess", reason="the kernels run in this process")
+def test_interpreter_suite_in_subprocess() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+
 
 SHAPES = [(2, 1, 1), (6, 17, 33), (4, 32, 64), (10, 40, 70)]  # (M, N, K), M even, ragged
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 5e-2)}
