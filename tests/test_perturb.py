@@ -150,3 +150,25 @@ def test_ops_reject_bad_arguments_on_every_backend(backend: str, kwargs: dict, m
     } | kwargs
     with pytest.raises(ValueError, match=match):
         ops.perturbed_linear(**args)
+
+
+def test_failed_cpp_build_falls_back_to_reference_with_one_warning(monkeypatch, tmp_path) -> None:
+    import warnings
+
+    from minillm.kernels import cpp
+
+    monkeypatch.delenv("MINILLM_BACKEND", raising=False)
+    monkeypatch.setattr(cpp, "SOURCE", tmp_path / "missing.cpp")
+    cpp.extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"C\+\+ CPU operators unavailable"):
+            assert ops.backend_for(torch.device("cpu")) == "reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert ops.backend_for(torch.device("cpu")) == "reference"
+            x, w = torch.randn(2, 4), torch.randn(3, 4)
+            y = ops.perturbed_linear(x, w, None, 1, 0, 0.1)
+        z = noise(1, 0, 3, 4)
+        torch.testing.assert_close(y, torch.cat([x[:1] @ (w + 0.1 * z).T, x[1:] @ (w - 0.1 * z).T]))
+    finally:
+        cpp.extension.cache_clear()  # the next caller loads the real extension again
