@@ -3,9 +3,11 @@
 Both context managers swap the ``forward`` of listed ``nn.Linear`` modules for a fused operator from
 :mod:`minillm.kernels.ops` (Triton on CUDA, C++ on CPU, PyTorch reference elsewhere) and restore
 the original forwards on exit, even on error. Weights are never modified and no perturbed copy of
-a weight is stored: a perturbed linear computes ``x W^T +- eps x Z^T`` with ``Z`` regenerated from
-``(seed, tensor_id)`` (in registers on GPU; on CPU in chunks of output rows, a transient buffer of
-at most ~4 MiB per call plus the ``[tokens, chunk]`` product).
+a weight is stored; ``Z`` is regenerated from ``(seed, tensor_id)`` where it is used. Transient
+memory per call: none on GPU (``W +- eps Z`` tiles live in registers); on CPU (C++) two chunks of
+at most 4 MiB holding ``W_c +- eps Z_c`` for a block of output rows (``kind="cols"``: one scaled
+copy of the input; ``kind="rows"``: nothing); the PyTorch reference holds a 4 MiB chunk of ``Z``
+and its ``[tokens, chunk]`` product.
 
 Usage (one SPSA perturbation)::
 
