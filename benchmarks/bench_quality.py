@@ -54,6 +54,12 @@ CONFIGS = {
         {"fms_variant": "layer", "gradients": "backprop"},
         "global",
     ),
+    "fms-removal-spsa/global": ("fms", {"fms_variant": "removal"}, "global"),
+    "fms-removal-exact/global": (
+        "fms",
+        {"fms_variant": "removal", "gradients": "backprop"},
+        "global",
+    ),
     "wanda-sp/global": ("wanda-sp", {}, "global"),
     "flap/global": ("flap", {}, "global"),
 }
@@ -129,6 +135,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--score-only",
+        action="store_true",
+        help="no perplexity: one row per config with the scoring time and memory (run one "
+        "config per process for a clean resident-memory peak)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tok, adapter, all_groups, calib = setup(args)
@@ -168,7 +180,7 @@ def main() -> None:
         "pruned_layers": args.layers,
         "pruned_kinds": kinds,
         "threads": args.threads,
-        "dense_ppl": ppl(),
+        "dense_ppl": None if args.score_only else ppl(),
         "results": [],
     }
     print(json.dumps({"dense": out["dense_ppl"]}), file=sys.stderr, flush=True)
@@ -181,7 +193,15 @@ def main() -> None:
         with meter.phase("score"):
             scores = CRITERIA[criterion](ctx)
         ratios = args.ratios if alloc == "uniform" else args.ratios_for_global
-        for ratio in (float(r) for r in ratios.split(",")):
+        if args.score_only:
+            ratios = ""
+            row = {"config": name, "score_wall_s": round(meter.time_s["score"], 2)}
+            row["score_peak_rss_bytes"] = meter.peak_memory_bytes["score"]
+            row["rss_before_score_bytes"] = rss0
+            row["forward_passes"] = ctx.forward_passes
+            out["results"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        for ratio in (float(r) for r in ratios.split(",") if r):
             if alloc == "uniform":
                 keep = uniform(groups, scores, ratio)
             else:

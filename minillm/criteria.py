@@ -22,8 +22,15 @@ for ``L`` the mean next-token loss of the calibration sequences.
     mean over the groups of the same kind. Within a layer it ranks like ``wanda-sp``; across
     layers the gradient sets how much each layer keeps (compare with ``normalize="none"``).
 
+  - ``fms_variant="removal"``: the layer factor from a secant instead of a tangent: ``D_l``, the
+    loss increase of removing group ``l``'s lowest-``A`` units (fraction ``options["ratio"]``,
+    default 0.2), estimated by SPSA whose perturbation is that removal in random halves of
+    the groups (:func:`minillm.spsa.spsa_multipliers` with ``candidates``):
+    ``S_u = A_u / mean_v(A_v) * (max(D_l, 0.1 mean|D|) / mean_l'(...)) ** alpha``.
+
   ``gradients="spsa"`` (default) estimates ``g`` from forward passes (:mod:`minillm.spsa`);
-  ``gradients="backprop"`` computes it exactly (:mod:`minillm.gradients`).
+  ``gradients="backprop"`` computes it exactly (:mod:`minillm.gradients`; for ``removal``,
+  which has no gradient, the exact one-group-at-a-time measurement).
 
 Options read from ``ctx.options`` (defaults in :data:`DEFAULT_OPTIONS`).
 """
@@ -176,25 +183,54 @@ def fms(ctx: ScoringContext) -> Scores:
     variant = ctx.option("fms_variant")
     if variant == "weight":
         return _fms_weight(ctx)
-    if variant not in spsa.RESOLUTIONS:
-        raise ValueError(f"fms_variant must be weight, unit or layer, got {variant!r}")
+    if variant not in (*spsa.RESOLUTIONS, "removal"):
+        raise ValueError(f"fms_variant must be weight, unit, layer or removal, got {variant!r}")
     a = wanda_sp(ctx)
+    if variant == "removal":
+        return _fms_removal(ctx, a)
     grads = _multiplier_gradients(ctx, variant)
     if variant == "unit":
         return {
             (g.layer, g.kind): a[(g.layer, g.kind)] * grads[i].abs()
             for i, g in enumerate(ctx.groups)
         }
-    alpha = ctx.option("fms_alpha")
+    return _tilted(ctx, a, torch.stack([g.abs().sum() for g in grads]))
+
+
+def _tilted(ctx: ScoringContext, a: Scores, sens: torch.Tensor) -> Scores:
+    """``A_u / mean(A) * (sens_l / mean sens) ** alpha``, the mean over groups of one kind."""
     scores = {}
     for kind in {g.kind for g in ctx.groups}:
         idx = [i for i, g in enumerate(ctx.groups) if g.kind == kind]
-        mag = torch.stack([grads[i].abs().sum() for i in idx])
-        factor = (mag / mag.mean().clamp_min(1e-30)).pow(alpha)
-        for f, i in zip(factor, idx, strict=True):
+        f = (sens[idx] / sens[idx].mean().clamp_min(1e-30)).pow(ctx.option("fms_alpha"))
+        for i, fi in zip(idx, f, strict=True):
             key = (ctx.groups[i].layer, kind)
-            scores[key] = a[key] / a[key].mean().clamp_min(1e-30) * f
+            scores[key] = a[key] / a[key].mean().clamp_min(1e-30) * fi
     return scores
+
+
+def _fms_removal(ctx: ScoringContext, a: Scores) -> Scores:
+    """Layer factor from the loss increase of removing each group's lowest-``A`` units."""
+    frac = ctx.options.get("ratio", 0.2)
+    cands = []
+    for g in ctx.groups:
+        s = a[(g.layer, g.kind)]
+        cands.append(s <= s.kthvalue(max(1, round(frac * g.n_units))).values)
+    if ctx.option("gradients") == "backprop":  # no gradient of a finite removal: exact sweep
+        damage, passes = spsa.removal_damage(
+            ctx.model, ctx.groups, ctx.batches, cands, ctx.option("batch_size")
+        )
+        ctx.count(passes, len(ctx.groups) + 1)
+        sens = damage
+    else:
+        kw = _spsa_kwargs(ctx, per_weight=False)
+        est, passes = spsa.spsa_multipliers(
+            ctx.model, ctx.groups, ctx.batches, resolution="layer", candidates=cands, **kw
+        )
+        ctx.count(passes, 2 * kw["n_perturbations"])
+        ctx.cache["spsa_estimate"] = est
+        sens = torch.cat([spsa.multiplier_gradient(est, i, 1) for i in range(len(ctx.groups))])
+    return _tilted(ctx, a, sens.clamp_min(0.1 * sens.abs().mean()))  # noise can make D < 0
 
 
 def _spsa_kwargs(ctx: ScoringContext, per_weight: bool) -> dict:
@@ -297,7 +333,10 @@ def global_normalization(criterion: str, options: dict | None = None) -> str:
     options = options or {}
     if criterion == "flap":
         return "standardize"
-    if criterion == "fms" and options.get("fms_variant", DEFAULT_OPTIONS["fms_variant"]) == "layer":
+    if criterion == "fms" and options.get("fms_variant", DEFAULT_OPTIONS["fms_variant"]) in (
+        "layer",
+        "removal",
+    ):
         return "none"
     return "mean"
 

@@ -109,12 +109,21 @@ def spsa_multipliers(
     seed: int = 0,
     sharing: str = "sequence",
     batch_size: int = 4,
+    candidates: Sequence[torch.Tensor] | None = None,
 ) -> tuple[Estimate, int]:
     """SPSA estimate of ``dL/dm`` for the structure multipliers (see module docstring).
 
     ``tokens`` ``[n, seqlen]``; each forward runs ``2 * batch_size`` sequences (the ``+`` and
     ``-`` halves). Returns ``(estimate, forward_passes)``; group ``gi`` uses tensor id ``gi``.
+
+    With ``candidates`` (one bool ``[n_units]`` per group; ``resolution="layer"``, Rademacher)
+    the perturbation is the removal itself: the ``+`` half removes the candidates of the groups
+    with ``z = +1``, the ``-`` half those with ``z = -1``, and ``d = L+ - L-``. Under an additive
+    model ``L(S) = L0 + sum_{l in S} D_l`` this gives ``E[d z_l] = D_l``, the loss increase of
+    removing group ``l``'s candidates (a random-subset regression of the pruning damage).
     """
+    if candidates is not None and (resolution != "layer" or dist != "rademacher"):
+        raise ValueError("removal perturbations need resolution='layer' and dist='rademacher'")
     n = tokens.shape[0]
     coeffs: dict[int, float] = {}
     passes = 0
@@ -131,14 +140,54 @@ def spsa_multipliers(
                 for gi, g in enumerate(groups)
             ]
 
-            factors = [1 + eps * sign * z.repeat(2, 1) for z in noise]
-            with scaled_consumer_inputs(groups, factors.__getitem__, resolution):
+            if candidates is None:
+                factors = [1 + eps * sign * z.repeat(2, 1) for z in noise]
+                expand, step = resolution, 2 * eps
+            else:  # 0 on the removed candidates, 1 elsewhere: [2b, n_units]
+                factors = [
+                    1 - c.float() * (1 + sign * z.repeat(2, 1)) / 2
+                    for c, z in zip(candidates, noise, strict=True)
+                ]
+                expand, step = "unit", 1.0
+            with scaled_consumer_inputs(groups, factors.__getitem__, expand):
                 losses = sequence_losses(model, torch.cat([batch, batch]))
             passes += 1
-            d = (losses[:b] - losses[b:]).double() / (2 * eps)
+            d = (losses[:b] - losses[b:]).double() / step
             for s, dj in zip(seeds, d.tolist(), strict=True):
                 coeffs[s] = coeffs.get(s, 0.0) + dj / (n_perturbations * n)
     return _merge(coeffs), passes
+
+
+@torch.no_grad()
+def removal_damage(
+    model: nn.Module,
+    groups: Sequence[Group],
+    tokens: torch.Tensor,
+    candidates: Sequence[torch.Tensor],
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, int]:
+    """Exact one-group-at-a-time reference of the removal estimate: ``[n_groups]`` loss
+    increase of removing each group's candidates alone (``len(groups) + 1`` calibration
+    sweeps). Returns ``(damage, forward_passes)``."""
+    passes = 0
+
+    def loss(factors) -> float:
+        nonlocal passes
+        total = 0.0
+        for i0 in range(0, tokens.shape[0], batch_size):
+            with scaled_consumer_inputs(groups, factors.__getitem__, "unit"):
+                total += float(sequence_losses(model, tokens[i0 : i0 + batch_size]).sum())
+            passes += 1
+        return total / tokens.shape[0]
+
+    ones = [torch.ones(1, g.n_units) for g in groups]
+    base = loss(ones)
+    damage = []
+    for gi, c in enumerate(candidates):
+        factors = list(ones)
+        factors[gi] = (1 - c.float())[None]
+        damage.append(loss(factors) - base)
+    return torch.tensor(damage), passes
 
 
 def multiplier_gradient(
