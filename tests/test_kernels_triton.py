@@ -159,6 +159,69 @@ def test_fms_scores_identical_across_backends(monkeypatch) -> None:
         torch.testing.assert_close(cols, results["reference"][1], atol=1e-4, rtol=1e-5)
 
 
+def _fms_end_to_end(backend: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Paper-faithful FMS on a tiny LLaMA: statistics pass, two SPSA perturbations, reduction."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minillm.perturb import collect_input_stats, perturbed
+
+    os.environ["MINILLM_BACKEND"] = backend
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    dev = DEVICE if backend == "triton" else "cpu"
+    model = LlamaForCausalLM(cfg).eval().to(dev)
+    lins = [
+        (t, m) for t, m in enumerate(model.model.layers[0].modules()) if isinstance(m, nn.Linear)
+    ]
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3)).to(dev)
+    eps, est = 1e-2, []
+    with torch.no_grad():
+        with collect_input_stats(lins) as stats:
+            model(ids)
+        for seed in (11, 12):
+            with perturbed(lins, seed, eps):
+                logits = model(torch.cat([ids, ids])).logits[:, :-1]
+            target = torch.cat([ids, ids])[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, 64), target.reshape(-1), reduction="none")
+            half = loss.view(2, -1).mean(1)
+            est.append((seed, ((half[0] - half[1]) / (2 * eps)).item()))
+    return {
+        t: tuple(
+            v.cpu()
+            for v in ops.fms_scores(
+                m.weight, stats[t].sum_sq.sqrt(), [s for s, _ in est], [c for _, c in est], t
+            )
+        )
+        for t, m in lins
+    }
+
+
+def test_fms_end_to_end_identical_across_backends(monkeypatch) -> None:
+    """Statistics, perturbed pairs and reduction all through one backend, for each backend."""
+    monkeypatch.setenv("MINILLM_BACKEND", "reference")  # restored after the test
+    backends = ["reference", "triton"]
+    from minillm.kernels import cpp
+
+    if cpp.available():
+        backends.append("cpp")
+    results = {b: _fms_end_to_end(b) for b in backends}
+    ref = results["reference"]
+    assert all(rows.abs().sum() > 0 for rows, _ in ref.values())
+    for b in backends[1:]:
+        for t, (rows, cols) in results[b].items():
+            torch.testing.assert_close(rows, ref[t][0], atol=1e-4, rtol=2e-3, msg=f"{b} rows {t}")
+            torch.testing.assert_close(cols, ref[t][1], atol=1e-4, rtol=2e-3, msg=f"{b} cols {t}")
+
+
 def test_perturbed_context_through_triton(triton_backend) -> None:
     from minillm.perturb import collect_input_stats, perturbed
 
