@@ -56,12 +56,17 @@ def _perturbed_linear_kernel(
     key, eps,
     PAIRED: tl.constexpr, KIND: tl.constexpr, GAUSSIAN: tl.constexpr,
     HAS_BIAS: tl.constexpr, STATS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
+    # grouped order: GROUP_M row blocks sweep the N blocks together, so W tiles are reused from L2
     pid = tl.program_id(0)
+    num_m = tl.cdiv(H, BM)
     num_n = tl.cdiv(N, BN)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     mask_m = rm < H
@@ -135,7 +140,7 @@ def _configs() -> list[triton.Config]:
     ``128 x 64`` tiles spilled. ``BM`` counts pairs: the effective tile is ``2 BM x BN``.
     """
     return [
-        triton.Config({"BM": bm, "BN": bn, "BK": 32}, num_warps=w, num_stages=s)
+        triton.Config({"BM": bm, "BN": bn, "BK": 32, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
             (128, 128, 8, 3),
             (128, 128, 8, 4),
@@ -193,7 +198,7 @@ def perturbed_linear_triton(
     )
     if INTERPRETED:
         grid = (triton.cdiv(h, 16) * triton.cdiv(n, 16),)
-        _perturbed_linear_kernel[grid](*args, **flags, UPCAST=True, BM=16, BN=16, BK=32)
+        _perturbed_linear_kernel[grid](*args, **flags, UPCAST=True, BM=16, BN=16, BK=32, GROUP_M=2)
     else:
 
         def grid(meta):

@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent(
                                     "stride_wk", "stride_ym", "stride_yn", "key"]}
         sig["eps"] = "fp32"
         consts = dict(PAIRED=paired, KIND=kind, GAUSSIAN=gauss, HAS_BIAS=True, STATS=stats,
-                      IEEE=dt == "fp32", UPCAST=False, BM=64, BN=64, BK=32)
+                      IEEE=dt == "fp32", UPCAST=False, BM=64, BN=64, BK=32,
+                      GROUP_M=8)
         sig |= {k: "constexpr" for k in consts}
         build(perturbed_linear._perturbed_linear_kernel, sig, consts, num_warps=4)
     for gauss in [False, True]:
