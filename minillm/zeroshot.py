@@ -134,16 +134,25 @@ def zero_shot(
             manager = TaskManager(include_path=include_dir)
         else:
             manager = TaskManager()
-        out = simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            num_fewshot=0,
-            limit=limit,
-            task_manager=manager,
-            log_samples=False,
-            bootstrap_iters=0,
-            verbosity="ERROR" if not verbose else "INFO",
-        )
+        try:
+            out = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                num_fewshot=0,
+                limit=limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=0,
+                verbosity="ERROR" if not verbose else "INFO",
+            )
+        except (OSError, ConnectionError) as err:
+            if task_data_dir is not None:
+                raise
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            raise ValueError(
+                f"--tasks: cannot fetch the task data from the hub ({type(err).__name__}: "
+                f"{first_line}); pass --task-data-dir with local <task>.jsonl files"
+            ) from err
     return {
         task: {
             m: float(out["results"][task][f"{m},none"])
