@@ -1,8 +1,9 @@
 """Results table: perplexity of SmolLM2-135M pruned by every criterion, without and with recovery.
 
-For each criterion and ratio: ``python -m minillm.prune`` (uniform per-layer ratio, calibration
-on WikiText-2 validation), perplexity on the first ``--eval-tokens`` tokens of WikiText-2 test
-(non-overlapping ``--eval-seqlen`` windows), ``python -m minillm.recover`` (LoRA on WikiText-2
+For each criterion and ratio: ``python -m minillm.prune`` (uniform per-layer ratio, or one
+global ranking for names ending in ``/global``; calibration on WikiText-2 validation),
+perplexity on the first ``--eval-tokens`` tokens of WikiText-2 test (non-overlapping
+``--eval-seqlen`` windows), ``python -m minillm.recover`` (LoRA on WikiText-2
 validation, ``--recover-steps`` steps) and perplexity again. The dense model is measured the
 same way, before and after the same recovery (to separate recovery from domain adaptation).
 The CLIs run in this process (their ``main``), on a float32 copy of the embedded GGUF cached in
@@ -33,7 +34,18 @@ from minillm.criteria import CRITERIA
 from minillm.io import load_pruned
 from minillm.perplexity import load_eval_text, perplexity_stats, tokenize_text
 
-ORDER = ("random", "magnitude", "fms", "wanda-sp", "flap", "taylor")
+# criterion, or criterion/global for one global ranking instead of a uniform per-layer ratio;
+# fms's default (layer) variant only reweights whole layers, so it needs the global allocation
+ORDER = (
+    "random",
+    "magnitude",
+    "fms",
+    "wanda-sp",
+    "flap",
+    "taylor",
+    "fms/global",
+    "wanda-sp/global",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", required=True, help="calibration and recovery text (valid split)")
     p.add_argument("--test", required=True, help="perplexity text (test split)")
     p.add_argument("--work-dir", required=True, help="models, cache and results.jsonl")
-    p.add_argument("--criteria", default=",".join(c for c in ORDER if c in CRITERIA))
+    p.add_argument("--criteria", default=",".join(c for c in ORDER if c.split("/")[0] in CRITERIA))
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--nsamples", type=int, default=8, help="calibration sequences")
     p.add_argument("--seqlen", type=int, default=128, help="calibration / recovery sequence")
@@ -79,13 +91,17 @@ def recover_model(src: Path, out: Path, args) -> dict:
     }
 
 
-def prune_model(dense: Path, out: Path, criterion: str, ratio: float, args) -> dict:
+def prune_model(dense: Path, out: Path, name: str, ratio: float, args) -> dict:
+    """Prune with ``name`` = ``criterion`` (uniform per-layer ratio) or ``criterion/global``."""
+    criterion, _, allocation = name.partition("/")
     argv = [
-        "--model", str(dense), "--criterion", criterion, "--ratio", str(ratio), "--uniform",
+        "--model", str(dense), "--criterion", criterion, "--ratio", str(ratio),
         "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--perturbations", str(args.perturbations), "--seed", str(args.seed),
         "--out", str(out), "--overwrite", "--quiet",
     ]  # fmt: skip
+    if allocation != "global":
+        argv.append("--uniform")
     start = time.perf_counter()
     with open("/dev/null", "w") as sink:  # prune prints its summary on stdout
         saved, sys.stdout = sys.stdout, sink
@@ -138,7 +154,7 @@ def main() -> int:
         if name == "dense":
             result = row(name, ratio, dense_dir, ids, args, {})
         else:
-            out = work / f"{name}-{ratio}"
+            out = work / f"{name.replace('/', '-')}-{ratio}"
             extra = prune_model(dense_dir, out, name, ratio, args)
             result = row(name, ratio, out, ids, args, extra)
         done[(name, ratio)] = result
