@@ -13,11 +13,13 @@ for ``L`` the mean next-token loss of the calibration sequences.
 * ``taylor`` (backprop): ``sum_{(i,j) in u} |W_ij * G_ij|`` (LLM-Pruner, element-wise, first order).
 * ``fms`` (MINI-LLM feature map sensitivity), per weight ``|W_ij| * ||X_j||_2 * |G_ij|``:
 
-  - ``fms_variant="weight"`` (paper-faithful): ``S_u = sum_{(i,j) in u} |W_ij| ||X_j|| |G_ij|``
-    with ``G`` per weight (SPSA over all weights, or backprop);
+  - ``fms_variant="weight"`` (default, paper-faithful): ``S_u = sum_{(i,j) in u} |W_ij| ||X_j||
+    |G_ij|`` with ``G`` per weight (SPSA over all weights, or backprop). Measured on SmolLM2
+    (BENCHMARKS.md, Scoring) it is the best forward-only variant, though its SPSA ``G`` carries
+    little signal: it ranks like ``wanda-sp``;
   - ``fms_variant="unit"``: the gradient at unit resolution, ``g_u = dL/dm_u`` of a multiplier
     of the unit's output (``= sum_{consumer cols of u} W_ij G_ij``): ``S_u = A_u * |g_u|``;
-  - ``fms_variant="layer"`` (default): the gradient at the resolution SPSA resolves, one
+  - ``fms_variant="layer"``: the gradient at the resolution SPSA resolves, one
     multiplier per group: ``S_u = A_u / mean_v(A_v) * (|g_l| / mean_l'(|g_l'|)) ** alpha``, the
     mean over the groups of the same kind. Within a layer it ranks like ``wanda-sp``; across
     layers the gradient sets how much each layer keeps (compare with ``normalize="none"``).
@@ -54,9 +56,9 @@ Scores = dict[tuple[int, str], torch.Tensor]
 DEFAULT_OPTIONS = {
     "batch_size": 8,  # sequences per statistics forward; SPSA/backprop use half (± doubles it)
     "gradients": "spsa",  # fms: "spsa" (forward only) or "backprop"
-    "fms_variant": "layer",  # fms: "layer", "unit" or "weight" (paper-faithful)
+    "fms_variant": "weight",  # fms: "weight" (paper-faithful), "layer", "removal" or "unit"
     "fms_alpha": 0.5,  # fms layer variant: exponent of the layer-gradient factor
-    "perturbations": 8,  # rounds K over the calibration set
+    "perturbations": 4,  # rounds K over the calibration set
     "eps": None,  # None: 1e-2 (relative, multipliers) or 1e-3 (weight units, per weight)
     "dist": "rademacher",  # or "gaussian"
     "spsa_sharing": None,  # None: "sequence" (multipliers) or "global" (per weight)
