@@ -320,7 +320,9 @@ def compensate(ctx: ScoringContext, keep: dict[tuple[int, str], torch.Tensor]) -
             cols = b.indices(removed)
             delta = lin.weight[:, cols].float() @ stats[lin].mean[cols]
             if lin.bias is None:
-                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+                lin.bias = nn.Parameter(
+                    torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                )
                 created += 1
             lin.bias += delta.to(lin.bias.dtype)
     return created

@@ -69,7 +69,7 @@ def scaled_consumer_inputs(
 
             def hook(mod, args, gi=gi, per_coord=per_coord):
                 x = args[0]
-                cols = scale(gi).repeat_interleave(per_coord, dim=-1).to(x.dtype)
+                cols = scale(gi).repeat_interleave(per_coord, dim=-1).to(x.device, x.dtype)
                 # rows are sequences; OPT flattens [batch * seqlen, in] before fc2
                 if torch.is_grad_enabled() or not x.is_contiguous():
                     y = x.reshape(cols.shape[0], -1, x.shape[-1]) * cols[:, None, :]
