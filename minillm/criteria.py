@@ -8,7 +8,7 @@ for ``L`` the mean next-token loss of the calibration sequences.
 * ``magnitude``: ``sqrt(sum_u W_ij**2)``.
 * ``wanda-sp``: ``A_u = sum_{(i,j) in u} |W_ij| * ||X_j||_2``.
 * ``flap``: ``sum_{j in consumer cols of u} Var(X_j) * ||W_:,j||**2``; compare across layers
-  with ``normalize="standardize"`` (:data:`GLOBAL_NORMALIZATION`); optional bias compensation
+  with ``normalize="standardize"`` (:func:`global_normalization`); optional bias compensation
   :func:`compensate`.
 * ``taylor`` (backprop): ``sum_{(i,j) in u} |W_ij * G_ij|`` (LLM-Pruner, element-wise, first order).
 * ``fms`` (MINI-LLM feature map sensitivity), per weight ``|W_ij| * ||X_j||_2 * |G_ij|``:
@@ -23,7 +23,6 @@ for ``L`` the mean next-token loss of the calibration sequences.
     multiplier per group: ``S_u = A_u / mean_v(A_v) * (|g_l| / mean_l'(|g_l'|)) ** alpha``, the
     mean over the groups of the same kind. Within a layer it ranks like ``wanda-sp``; across
     layers the gradient sets how much each layer keeps (compare with ``normalize="none"``).
-
   - ``fms_variant="removal"``: the layer factor from a secant instead of a tangent: ``D_l``, the
     loss increase of removing group ``l``'s lowest-``A`` units (fraction ``options["ratio"]``,
     default 0.2), estimated by SPSA whose perturbation is that removal in random halves of
@@ -57,7 +56,7 @@ DEFAULT_OPTIONS = {
     "batch_size": 8,  # sequences per statistics forward; SPSA/backprop use half (± doubles it)
     "gradients": "spsa",  # fms: "spsa" (forward only) or "backprop"
     "fms_variant": "weight",  # fms: "weight" (paper-faithful), "layer", "removal" or "unit"
-    "fms_alpha": 0.5,  # fms layer variant: exponent of the layer-gradient factor
+    "fms_alpha": 0.5,  # fms layer/removal variants: exponent of the layer factor
     "perturbations": 4,  # rounds K over the calibration set
     "eps": None,  # None: 1e-2 (relative, multipliers) or 1e-3 (weight units, per weight)
     "dist": "rademacher",  # or "gaussian"
@@ -331,8 +330,8 @@ def compensate(ctx: ScoringContext, keep: dict[tuple[int, str], torch.Tensor]) -
 def global_normalization(criterion: str, options: dict | None = None) -> str:
     """The ``normalize`` argument of :func:`minillm.allocation.global_ranking` for a criterion.
 
-    FLAP standardizes per group; the ``fms`` layer variant is comparable as it is (its layer
-    factor is the point); every other criterion is divided by its group mean.
+    FLAP standardizes per group; the ``fms`` layer and removal variants are comparable as they
+    are (their layer factor is the point); every other criterion is divided by its group mean.
     """
     options = options or {}
     if criterion == "flap":
