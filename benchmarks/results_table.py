@@ -21,6 +21,7 @@ Command (see BENCHMARKS.md)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -80,7 +81,9 @@ def recover_model(src: Path, out: Path, args) -> dict:
         "--max-steps", str(args.recover_steps), "--batch-size", str(args.recover_batch),
         "--seqlen", str(args.seqlen), "--lr", str(args.recover_lr), "--seed", str(args.seed),
     ]  # fmt: skip
-    if recover.main(argv) != 0:
+    with contextlib.redirect_stdout(sys.stderr):  # recover prints its summary on stdout
+        code = recover.main(argv)
+    if code != 0:
         raise RuntimeError(f"recover failed: {' '.join(argv)}")
     report = json.loads((out / "report.json").read_text())["recovery"]
     return {
@@ -103,12 +106,8 @@ def prune_model(dense: Path, out: Path, name: str, ratio: float, args) -> dict:
     if allocation != "global":
         argv.append("--uniform")
     start = time.perf_counter()
-    with open("/dev/null", "w") as sink:  # prune prints its summary on stdout
-        saved, sys.stdout = sys.stdout, sink
-        try:
-            code = prune.main(argv)
-        finally:
-            sys.stdout = saved
+    with contextlib.redirect_stdout(sys.stderr):  # prune prints its summary on stdout
+        code = prune.main(argv)
     if code != 0:
         raise RuntimeError(f"prune failed: {' '.join(argv)}")
     return {"prune_s": time.perf_counter() - start}
