@@ -35,16 +35,17 @@ from minillm.criteria import CRITERIA
 from minillm.io import load_pruned
 from minillm.perplexity import load_eval_text, perplexity_stats, tokenize_text
 
-# criterion, or criterion/global for one global ranking instead of a uniform per-layer ratio;
-# fms's default (layer) variant only reweights whole layers, so it needs the global allocation
+# criterion[@fms-variant][/global]: /global ranks units globally instead of a uniform per-layer
+# ratio; fms's layer variant only reweights whole layers, so it needs the global allocation
 ORDER = (
     "random",
     "magnitude",
-    "fms",
+    "fms@layer",
+    "fms@weight",
     "wanda-sp",
     "flap",
     "taylor",
-    "fms/global",
+    "fms@layer/global",
     "wanda-sp/global",
 )
 
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", required=True, help="calibration and recovery text (valid split)")
     p.add_argument("--test", required=True, help="perplexity text (test split)")
     p.add_argument("--work-dir", required=True, help="models, cache and results.jsonl")
-    p.add_argument("--criteria", default=",".join(c for c in ORDER if c.split("/")[0] in CRITERIA))
+    p.add_argument(
+        "--criteria",
+        default=",".join(c for c in ORDER if c.split("/")[0].split("@")[0] in CRITERIA),
+    )
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--nsamples", type=int, default=8, help="calibration sequences")
     p.add_argument("--seqlen", type=int, default=128, help="calibration / recovery sequence")
@@ -95,8 +99,9 @@ def recover_model(src: Path, out: Path, args) -> dict:
 
 
 def prune_model(dense: Path, out: Path, name: str, ratio: float, args) -> dict:
-    """Prune with ``name`` = ``criterion`` (uniform per-layer ratio) or ``criterion/global``."""
-    criterion, _, allocation = name.partition("/")
+    """Prune with ``name`` = ``criterion[@fms-variant][/global]`` (default: uniform ratio)."""
+    spec, _, allocation = name.partition("/")
+    criterion, _, variant = spec.partition("@")
     argv = [
         "--model", str(dense), "--criterion", criterion, "--ratio", str(ratio),
         "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
@@ -105,6 +110,8 @@ def prune_model(dense: Path, out: Path, name: str, ratio: float, args) -> dict:
     ]  # fmt: skip
     if allocation != "global":
         argv.append("--uniform")
+    if variant:
+        argv += ["--fms-variant", variant]
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # prune prints its summary on stdout
         code = prune.main(argv)
@@ -153,7 +160,7 @@ def main() -> int:
         if name == "dense":
             result = row(name, ratio, dense_dir, ids, args, {})
         else:
-            out = work / f"{name.replace('/', '-')}-{ratio}"
+            out = work / f"{name.replace('/', '-').replace('@', '-')}-{ratio}"
             extra = prune_model(dense_dir, out, name, ratio, args)
             result = row(name, ratio, out, ids, args, extra)
         done[(name, ratio)] = result
