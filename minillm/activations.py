@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.perturb import collect_input_stats as fused_input_stats
+
 
 @dataclass
 class InputStats:
@@ -55,29 +57,20 @@ def collect_input_stats(
 ) -> tuple[dict[nn.Linear, InputStats], int]:
     """Run ``tokens`` ``[n, seqlen]`` through the decoder; statistics of every linear's input.
 
-    Returns ``({linear: InputStats}, forward_passes)``. The logits are never computed.
+    The statistics are reduced by the fused linear of :mod:`minillm.kernels` on the same read
+    of each input as its matrix product. Returns ``({linear: InputStats}, forward_passes)``.
+    The logits are never computed.
     """
-    stats: dict[nn.Linear, InputStats] = {}
-    handles = []
-    for lin in dict.fromkeys(linears):
-        z = torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
-        stats[lin] = InputStats(z, z.clone())
-
-        def hook(mod, args, s=stats[lin]):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            s.sum_sq += x.pow(2).sum(0)
-            s.sum += x.sum(0)
-            s.count += x.shape[0]
-
-        handles.append(lin.register_forward_pre_hook(hook))
+    unique = list(dict.fromkeys(linears))
     passes = 0
-    try:
+    with fused_input_stats(list(enumerate(unique))) as fused:
         for batch in _batches(tokens, batch_size):
             model.base_model(input_ids=batch.to(model.device), use_cache=False)
             passes += 1
-    finally:
-        for h in handles:
-            h.remove()
+    stats = {
+        lin: InputStats(fused[tid].sum_sq.double(), fused[tid].sum.double(), fused[tid].count)
+        for tid, lin in enumerate(unique)
+    }
     return stats, passes
 
 
