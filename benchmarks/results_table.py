@@ -108,8 +108,8 @@ def prune_model(dense: Path, out: Path, name: str, ratio: float, args) -> dict:
         "--perturbations", str(args.perturbations), "--seed", str(args.seed),
         "--out", str(out), "--overwrite", "--quiet",
     ]  # fmt: skip
-    if allocation == "global":
-        argv.append("--global")
+    if allocation != "global":
+        argv.append("--uniform")
     if variant:
         argv += ["--fms-variant", variant]
     start = time.perf_counter()

@@ -40,7 +40,6 @@ class PruneConfig:
     criterion: str
     target: str
     layers: str | None
-    global_ranking: bool
     uniform: bool
     gqa: str
     calib: str
@@ -85,15 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "first n/8 and last n/16 layers, as LLM-Pruner)",
     )
     p.add_argument(
-        "--global",
-        dest="global_ranking",
-        action="store_true",
-        help="one global ranking per structure kind (default: the same ratio in every layer)",
-    )
-    p.add_argument(
         "--uniform",
         action="store_true",
-        help="the same ratio in every layer (the default; kept for explicit scripts)",
+        help="the same ratio in every layer (default: one global ranking per structure kind)",
     )
     p.add_argument(
         "--gqa",
@@ -172,8 +165,6 @@ def validate(cfg: PruneConfig) -> None:
         raise ValueError(
             "--model: pass the GGUF's directory as --model and its name as --gguf-file"
         )
-    if cfg.global_ranking and cfg.uniform:
-        raise ValueError("--global and --uniform exclude each other; pass one")
     if cfg.nsamples < 1 or cfg.seqlen < 2:
         raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
     check_output_dir(cfg.out, cfg.overwrite)
@@ -194,7 +185,7 @@ def eval_ppl(model, tokenizer, cfg: PruneConfig) -> float | None:
 
 def allocate(groups, scores, cfg: PruneConfig, options: dict) -> allocation.Keep:
     """Kept units per group: uniform ratios, or one global ranking made comparable."""
-    if not cfg.global_ranking:
+    if cfg.uniform:
         return allocation.uniform(groups, scores, cfg.ratio)
     normalize = global_normalization(cfg.criterion, options)
     return allocation.global_ranking(
