@@ -6,6 +6,8 @@ Logs and progress go to stderr; the summary goes to stdout; report.json to ``--o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import platform
@@ -215,7 +217,9 @@ def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
     validate(cfg)
     meter = PhaseMeter(cfg.device)
-    with meter.phase("load"):
+    # transformers' GGUF de-quantization bar cannot be switched off: swallow it under --quiet
+    silence = contextlib.redirect_stderr(io.StringIO()) if cfg.quiet else contextlib.nullcontext()
+    with meter.phase("load"), silence:
         model, tokenizer = load_model(cfg.model, cfg.gguf_file, cfg.dtype, cfg.device)
     adapter = adapter_for(model)
     layers = parse_layers(cfg.layers, len(adapter.layers(model)))
