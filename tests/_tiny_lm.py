@@ -5,13 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    BloomConfig,
-    LlamaConfig,
-    OPTConfig,
-    PreTrainedTokenizerFast,
-)
+from conftest import tiny_config as shared_tiny_config
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "byte_tokenizer"
 VOCAB = 257  # 256 byte symbols + <|endoftext|>
@@ -28,31 +23,12 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(family: str):
-    """Config of a 2-layer model of ``family`` (llama with GQA, opt, bloom)."""
-    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    if family == "llama":
-        return LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            **common,
-        )
-    if family == "opt":
-        return OPTConfig(
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            word_embed_proj_dim=32,
-            **common,
-        )
+    """Config of the shared tiny ``family`` model (llama means GQA) over the byte vocabulary."""
+    tokens = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if family == "bloom":
-        return BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common)
-    raise ValueError(family)
+        return shared_tiny_config("bloom", **tokens)
+    name = "llama-gqa" if family == "llama" else family
+    return shared_tiny_config(name, max_position_embeddings=256, **tokens)
 
 
 def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:

@@ -9,37 +9,23 @@ from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, OPTConf
 VOCAB = 128
 
 
-def tiny_config(family: str):
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3)
+def tiny_config(family: str, **overrides):
+    """Config of a 3-layer, 64-wide model of ``family``; ``overrides`` replace any field."""
+    sizes = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, max_position_embeddings=128)
     if family == "llama-mha":
-        return LlamaConfig(
-            **common,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=128,
-        )
+        kwargs = dict(num_attention_heads=4, num_key_value_heads=4, intermediate_size=96)
+        return LlamaConfig(**{**sizes, **kwargs, **overrides})
     if family == "llama-gqa":
-        return LlamaConfig(
-            **common,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            head_dim=16,
-            intermediate_size=96,
-            max_position_embeddings=128,
+        kwargs = dict(
+            num_attention_heads=8, num_key_value_heads=2, head_dim=16, intermediate_size=96
         )
+        return LlamaConfig(**{**sizes, **kwargs, **overrides})
     if family == "opt":
-        return OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            ffn_dim=96,
-            max_position_embeddings=128,
-            word_embed_proj_dim=64,
-        )
+        kwargs = dict(num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64)
+        return OPTConfig(**{**sizes, **kwargs, **overrides})
     if family == "bloom":
-        return BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=3, n_head=8)
+        sizes.pop("max_position_embeddings")
+        return BloomConfig(**{**sizes, "n_layer": 3, "n_head": 8, **overrides})
     raise ValueError(family)
 
 
