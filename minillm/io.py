@@ -2,10 +2,12 @@
 
 A uniformly pruned model whose sizes plain transformers can express gets a plain config
 (loadable by ``AutoModelForCausalLM.from_pretrained``) plus a ``minillm`` entry with the
-per-layer records. Any other pruned model gets ``"model_type": "minillm_pruned"``, which
-plain transformers refuses to load, and is rebuilt by ``load_pruned``: the original
-config under ``minillm.base_config``, one record per layer (kept ``heads``, ``kv_heads``,
-``channels`` and the original ``head_ids`` of surviving heads).
+per-layer records. Any other pruned model gets the dense config with ``"model_type":
+"minillm_pruned"`` and ``minillm.base_model_type``, one record per layer (kept ``heads``,
+``kv_heads``, ``channels`` and the original ``head_ids`` of surviving heads) and the linears
+with added ``biases``; ``modeling_minillm.py`` is copied beside it and named in ``auto_map``,
+so stock ``from_pretrained(DIR, trust_remote_code=True)`` loads it without minillm, and
+``load_pruned`` rebuilds it with minillm's own surgery.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from minillm import modeling_minillm
 from minillm.adapters import adapter_for
 from minillm.models import parse_dtype
 from minillm.surgery import layer_records, resize_to_records
 
-PRUNED_MODEL_TYPE = "minillm_pruned"
+PRUNED_MODEL_TYPE = modeling_minillm.MODEL_TYPE
 WEIGHTS = "model.safetensors"
+MODELING_FILE = Path(modeling_minillm.__file__).name
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
@@ -82,18 +86,49 @@ def _base_config(model: PreTrainedModel) -> dict:
     return config
 
 
-def _plain_matches(config: dict, state: dict[str, torch.Tensor]) -> bool:
-    """Whether plain transformers builds exactly these tensors from ``config``: catches
-    configs it rejects and tensors it lacks (e.g. biases added by FLAP compensation)."""
+def _reference_shapes(config: dict) -> dict[str, torch.Size] | None:
+    """Tensor shapes plain transformers builds from ``config`` (None if it rejects it)."""
     config = dict(config)
     try:
         plain = AutoConfig.for_model(config.pop("model_type"), **config)
         with torch.device("meta"):
             reference = AutoModelForCausalLM.from_config(plain)
     except (ValueError, TypeError, KeyError):
-        return False
-    shapes = {k: v.shape for k, v in _untied_state_dict(reference).items()}
-    return shapes == {k: v.shape for k, v in state.items()}
+        return None
+    return {k: v.shape for k, v in _untied_state_dict(reference).items()}
+
+
+def _plain_matches(config: dict, state: dict[str, torch.Tensor]) -> bool:
+    """Whether plain transformers builds exactly these tensors from ``config``: catches
+    configs it rejects and tensors it lacks (e.g. biases added by FLAP compensation)."""
+    return _reference_shapes(config) == {k: v.shape for k, v in state.items()}
+
+
+def _remote_code_config(base: dict, records: list[dict], state: dict) -> dict:
+    """The config of an output that needs ``modeling_minillm.py`` (see module docstring)."""
+    dense = _reference_shapes(base) or {}
+    biases = [k.removesuffix(".bias") for k in state if k.endswith(".bias") and k not in dense]
+    config_cls, model_cls = modeling_minillm.CLASSES[base["model_type"]]
+    module = Path(MODELING_FILE).stem
+    return {
+        **base,
+        "model_type": PRUNED_MODEL_TYPE,
+        "architectures": [model_cls.__name__],
+        "auto_map": {
+            "AutoConfig": f"{module}.{config_cls.__name__}",
+            "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+        },
+        "minillm": {"base_model_type": base["model_type"], "layers": records, "biases": biases},
+    }
+
+
+def _dense_config(config: dict) -> dict:
+    """The dense model's config of a ``minillm_pruned`` config (also the nested older form)."""
+    extra = config["minillm"]
+    if "base_config" in extra:
+        return dict(extra["base_config"])
+    dense = {k: v for k, v in config.items() if k not in ("minillm", "auto_map", "architectures")}
+    return {**dense, "model_type": extra["base_model_type"]}
 
 
 def _add_missing_biases(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
@@ -120,12 +155,8 @@ def save_pruned(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -
     if plain is not None and _plain_matches({**base, **plain}, state):
         config = {**base, **plain, "minillm": {"layers": records}}
     else:
-        config = {
-            "model_type": PRUNED_MODEL_TYPE,
-            "architectures": base.get("architectures"),
-            "dtype": base.get("dtype") or base.get("torch_dtype"),
-            "minillm": {"base_config": base, "layers": records},
-        }
+        config = _remote_code_config(base, records, state)
+        shutil.copyfile(modeling_minillm.__file__, out_dir / MODELING_FILE)
     save_file(state, out_dir / WEIGHTS, metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
@@ -146,7 +177,7 @@ def load_pruned(
     if config.get("model_type") != PRUNED_MODEL_TYPE:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto")
         return model.to(device).eval()
-    base = dict(config["minillm"]["base_config"])
+    base = _dense_config(config)
     base_config = AutoConfig.for_model(base.pop("model_type"), **base)
     model = AutoModelForCausalLM.from_config(base_config, dtype=torch_dtype or torch.float32)
     adapter = adapter_for(model)

@@ -75,7 +75,7 @@ def test_saved_weights_are_safetensors_only(tmp_path):
     prune_randomly(model, uniform=False)
     save_pruned(model, None, tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"config.json", "model.safetensors"}
+    assert names == {"config.json", "model.safetensors", "modeling_minillm.py"}
     layers = json.loads((tmp_path / "config.json").read_text())["minillm"]["layers"]
     assert [rec["channels"] for rec in layers] == [93, 88, 83]
 
