@@ -94,3 +94,45 @@ def global_ranking(
             kept = [u for u in range(g.n_units) if u not in removed[gi]]
             keep[(g.layer, g.kind)] = torch.tensor(kept, dtype=torch.long)
     return keep
+
+
+def check_multiples(groups: list[Group], multiples: dict[str, int]) -> None:
+    """ValueError naming ``--round-to`` if a multiple exceeds a partition's unit count."""
+    for g in groups:
+        per, n = g.n_units // g.partitions, multiples.get(g.kind, 1)
+        if n > per:
+            where = "per KV group" if g.partitions > 1 else "per layer"
+            raise ValueError(
+                f"--round-to: {g.kind}={n} exceeds the {per} {g.kind} {where} of layer "
+                f"{g.layer}; use a multiple <= {per} or leave {g.kind} out"
+            )
+
+
+def round_to_multiples(
+    groups: list[Group], scores: Scores, keep: Keep, multiples: dict[str, int]
+) -> Keep:
+    """Round each partition's kept count to the nearest multiple of ``multiples[kind]``.
+
+    Post-processing of any allocation: a partition that kept ``k`` units keeps the multiple of
+    ``n`` nearest to ``k`` (halves up; at least ``n``; all units where that exceeds them),
+    dropping its lowest-scoring kept units or restoring its highest-scoring removed ones. For
+    GQA query heads the partition is a KV group, so every group keeps the same multiple.
+    Kinds absent from ``multiples`` and groups absent from ``keep`` are left as they are.
+    """
+    check_multiples(groups, multiples)
+    out = dict(keep)
+    for g in groups:
+        if g.kind not in multiples or (g.layer, g.kind) not in keep:
+            continue
+        n, per = multiples[g.kind], g.n_units // g.partitions
+        kept = set(keep[(g.layer, g.kind)].tolist())
+        score = scores[(g.layer, g.kind)]
+        new = []
+        for p in range(g.partitions):
+            units = range(p * per, (p + 1) * per)
+            ranked = sorted(units, key=lambda u: (u not in kept, -float(score[u])))
+            k = sum(u in kept for u in units)
+            target = min(max(n * ((k + n // 2) // n), n), per)  # halves round up
+            new += ranked[:target]
+        out[(g.layer, g.kind)] = torch.tensor(sorted(new), dtype=torch.long)
+    return out

@@ -58,6 +58,7 @@ class PruneConfig:
     batch_size: int
     compensate: bool
     rank_together: bool
+    round_to: str | None
     device: str
     dtype: str
     seed: int
@@ -128,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="global ranking: heads and channels in one list (default: apart)",
     )
+    p.add_argument(
+        "--round-to",
+        metavar="N|heads=N,channels=M",
+        help="keep head counts (GQA: per KV group) and channel counts at multiples of N",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--seed", type=int, default=0)
@@ -151,6 +157,22 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return list(range(lo, hi + 1))
 
 
+def parse_round_to(spec: str | None) -> dict[str, int]:
+    """``{"heads": n, "channels": m}`` of ``--round-to`` ('8' means both kinds; {} if None)."""
+    if spec is None:
+        return {}
+    items = spec.split(",") if "=" in spec else [f"heads={spec}", f"channels={spec}"]
+    multiples = {}
+    for item in items:
+        kind, _, value = item.partition("=")
+        if kind not in ("heads", "channels") or not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"--round-to: '{spec}' is not N or heads=N,channels=M with integers N, M >= 1"
+            )
+        multiples[kind] = int(value)
+    return multiples
+
+
 def validate(cfg: PruneConfig) -> None:
     """Reject bad input before any heavy work; each error names its flag."""
     if not 0.0 < cfg.ratio < 1.0:
@@ -169,6 +191,7 @@ def validate(cfg: PruneConfig) -> None:
         )
     if cfg.nsamples < 1 or cfg.seqlen < 2:
         raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
+    parse_round_to(cfg.round_to)
     check_output_dir(cfg.out, cfg.overwrite)
 
 
@@ -233,12 +256,16 @@ def run(cfg: PruneConfig) -> dict:
     params_before = count_params(model)
     kinds = ["heads", "channels"] if cfg.target == "both" else [cfg.target]
     groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in kinds]
+    multiples = parse_round_to(cfg.round_to)
+    allocation.check_multiples(groups, multiples)
     options = {k: v for k, v in asdict(cfg).items() if v is not None}
     ctx = ScoringContext(model, adapter, groups, batches, cfg.seed, options=options)
     with meter.phase("score"):
         scores = CRITERIA[cfg.criterion](ctx)
     with meter.phase("prune"):
         keep = allocate(groups, scores, cfg, options)
+        if multiples:
+            keep = allocation.round_to_multiples(groups, scores, keep, multiples)
         if cfg.compensate:
             compensate(ctx, keep)
         for layer in layers:
