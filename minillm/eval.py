@@ -27,6 +27,7 @@ from minillm.perplexity import eval_text_names, load_eval_text, perplexity_stats
 from minillm.zeroshot import TASKS, check_tasks, find_task_file
 
 DEFAULT_SEQLEN = 2048
+BASE = "base"  # --speed-reference without a value: the pruned model's recorded base model
 
 
 @dataclass
@@ -48,6 +49,8 @@ class EvalConfig:
     prompts: list[str]
     max_new_tokens: int
     speed: bool
+    speed_reference: str | None
+    speed_tokens: tuple[int, int]
     json: str | None
     quiet: bool
     device: str
@@ -109,7 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt for --generate (repeatable; default: three built-in prompts)",
     )
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--speed", action="store_true", help="tokens/s and memory (bytes)")
+    p.add_argument(
+        "--speed", action="store_true", help="tokens/s at batch 1 and 16, and memory (bytes)"
+    )
+    p.add_argument(
+        "--speed-reference",
+        nargs="?",
+        const=BASE,
+        metavar="MODEL",
+        help="--speed also times this dense model, interleaved; without MODEL, the base model "
+        "named in the pruned directory's report.json",
+    )
+    p.add_argument(
+        "--speed-tokens",
+        default="128,32",
+        metavar="PROMPT,NEW",
+        help="--speed: prompt tokens per sequence, decoded tokens after it",
+    )
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs on stderr")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -156,6 +175,14 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
+    try:
+        speed_tokens = tuple(int(n) for n in args.speed_tokens.split(","))
+    except ValueError:
+        speed_tokens = ()
+    if len(speed_tokens) != 2 or min(speed_tokens) < 1:
+        parser.error(f"--speed-tokens: '{args.speed_tokens}' is not PROMPT,NEW (integers >= 1)")
+    if args.speed_reference is not None and not args.speed:
+        parser.error("--speed-reference: needs --speed")
     nothing_asked = not (
         datasets or args.data_file or args.data_dir or tasks or args.generate or args.speed
     )
@@ -175,6 +202,8 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         prompts=args.prompts,
         max_new_tokens=args.max_new_tokens,
         speed=args.speed,
+        speed_reference=args.speed_reference,
+        speed_tokens=speed_tokens,
         json=args.json,
         quiet=args.quiet,
         device=args.device,
@@ -233,10 +262,40 @@ def evaluate(cfg: EvalConfig, model: torch.nn.Module, tokenizer) -> dict:
             model, tokenizer, prompts, cfg.max_new_tokens, seed=cfg.seed
         )
     if cfg.speed:
-        from minillm.generation import measure_speed
-
-        results["speed"] = measure_speed(model)
+        results.update(speed(cfg, model))
     return results
+
+
+def base_model_of(path: str) -> tuple[str | None, str | None]:
+    """(model, gguf_file) that minillm pruned into ``path``, from its report.json."""
+    report = Path(path) / "report.json"
+    if not report.is_file():
+        raise FileNotFoundError(
+            f"--speed-reference: '{path}' has no report.json naming its base model; "
+            "pass --speed-reference MODEL"
+        )
+    config = json.loads(report.read_text())["config"]
+    return config["model"], config["gguf_file"]
+
+
+def speed(cfg: EvalConfig, model: torch.nn.Module) -> dict:
+    """``speed`` of the model; with a reference also ``speed_reference`` and ``speed_ratio``
+    (model / reference, per throughput key), timed interleaved in this process."""
+    from minillm.generation import compare_speed, measure_speed
+
+    prompt, new = cfg.speed_tokens
+    if cfg.speed_reference is None:
+        return {"speed": measure_speed(model, prompt, new)}
+    from minillm.models import load_model
+
+    if cfg.speed_reference == BASE:
+        name, gguf = base_model_of(cfg.model or ".")
+    else:
+        name, gguf = cfg.speed_reference, None
+    reference, _ = load_model(name, gguf, cfg.dtype, cfg.device)
+    both = compare_speed({"model": model, "reference": reference}, prompt, new)
+    ratio = {k: v / both["reference"][k] for k, v in both["model"].items() if "tokens_per_s" in k}
+    return {"speed": both["model"], "speed_reference": both["reference"], "speed_ratio": ratio}
 
 
 def format_table(results: dict) -> str:
@@ -245,9 +304,10 @@ def format_table(results: dict) -> str:
     for metric in ("ppl", "ppl_tokens", "acc", "acc_norm"):
         for key, value in results.get(metric, {}).items():
             rows.append((metric, key, f"{value:.4f}" if isinstance(value, float) else str(value)))
-    for key, value in results.get("speed", {}).items():
-        shown = f"{value / 2**20:.1f} MiB" if key.endswith("bytes") else f"{value:.1f}"
-        rows.append(("speed", key, shown))
+    for metric in ("speed", "speed_reference", "speed_ratio"):
+        for key, value in results.get(metric, {}).items():
+            shown = f"{value / 2**20:.1f} MiB" if key.endswith("bytes") else f"{value:.2f}"
+            rows.append((metric, key, shown))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for sample in results.get("generation", []):

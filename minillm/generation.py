@@ -69,43 +69,72 @@ def _peak_bytes(device: torch.device) -> int:
 def measure_speed(
     model: torch.nn.Module,
     prompt_tokens: int = 128,
-    new_tokens: int = 64,
+    new_tokens: int = 32,
+    batch_sizes: tuple[int, ...] = (1, 16),
     repeats: int = 2,
 ) -> dict[str, float]:
-    """Prefill and decode throughput (tokens/s, batch 1, best of ``repeats``) and memory (bytes).
+    """Prefill and decode throughput per batch size (best of ``repeats``) and memory (bytes).
 
-    Prefill: one forward over ``prompt_tokens`` random tokens. Decode: ``new_tokens`` greedy
-    steps with the KV cache after that prompt (EOS disabled so every step runs).
+    Keys ``prefill_tokens_per_s_b{B}``: one forward over ``[B, prompt_tokens]`` random tokens;
+    ``decode_tokens_per_s_b{B}``: ``new_tokens`` greedy steps with the KV cache after that
+    prompt (EOS disabled, prefill time subtracted). Tokens/s count every sequence of the batch.
+    ``peak_bytes`` is the process's peak (CUDA: allocated on the device; CPU: resident set).
     """
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    ids = torch.randint(1, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    prefill, decode = float("inf"), float("inf")
+    best = compare_speed({"model": model}, prompt_tokens, new_tokens, batch_sizes, repeats)
+    return best["model"]
+
+
+@torch.no_grad()
+def compare_speed(
+    models: dict[str, torch.nn.Module],
+    prompt_tokens: int = 128,
+    new_tokens: int = 32,
+    batch_sizes: tuple[int, ...] = (1, 16),
+    repeats: int = 2,
+) -> dict[str, dict[str, float]]:
+    """:func:`measure_speed` of several models, interleaved (each repeat times every model once)
+    so that a busy machine slows them alike; ``{name: measure_speed keys}``."""
+    best: dict[str, dict[str, float]] = {name: {} for name in models}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
-        prefill = min(prefill, _timed(lambda: model(input_ids=ids, use_cache=False), device))
-        decode = min(
-            decode,
-            _timed(
-                lambda: model.generate(
-                    ids,
-                    do_sample=False,
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    pad_token_id=0,
-                ),
-                device,
-            ),
-        )
-    decode_only = max(decode - prefill, 1e-9)
-    return {
-        "prefill_tokens_per_s": prompt_tokens / prefill,
-        "decode_tokens_per_s": new_tokens / decode_only,
-        "param_bytes": float(param_bytes(model)),
-        "peak_bytes": float(_peak_bytes(device)),
-    }
+        for name, model in models.items():
+            for key, value in _speed_once(model, prompt_tokens, new_tokens, batch_sizes).items():
+                best[name][key] = max(best[name].get(key, 0.0), value)
+    for name, model in models.items():
+        device = next(model.parameters()).device
+        best[name]["param_bytes"] = float(param_bytes(model))
+        best[name]["peak_bytes"] = float(_peak_bytes(device))
+    return best
+
+
+def _speed_once(model, prompt_tokens: int, new_tokens: int, batch_sizes) -> dict[str, float]:
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for batch in batch_sizes:
+        ids = torch.randint(1, model.config.vocab_size, (batch, prompt_tokens), generator=gen)
+        prefill, decode = _prefill_decode_seconds(model, ids.to(device), new_tokens)
+        out[f"prefill_tokens_per_s_b{batch}"] = batch * prompt_tokens / prefill
+        out[f"decode_tokens_per_s_b{batch}"] = batch * new_tokens / max(decode - prefill, 1e-9)
+    return out
+
+
+def _prefill_decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds of one forward over ``ids`` ``[batch, seq]``, and of prefill + greedy decode."""
+    prefill = _timed(lambda: model(input_ids=ids, use_cache=False), ids.device)
+    decode = _timed(
+        lambda: model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        ),
+        ids.device,
+    )
+    return prefill, decode
 
 
 def _timed(fn, device: torch.device) -> float:
