@@ -13,7 +13,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -343,6 +345,23 @@ def silence_progress() -> None:
     datasets.logging.set_verbosity_error()
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Swallow stderr, Python's and the process's (fd 2): lm-eval and transformers' GGUF
+    loader draw tqdm bars no switch reaches, and lm-eval's ``git`` calls write to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     if cfg.quiet:
@@ -351,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(cfg.seed)
     try:
-        model, tokenizer = load_model(cfg.model, cfg.gguf_file, cfg.dtype, cfg.device)
-        results = evaluate(cfg, model, tokenizer)
+        with quiet_stderr() if cfg.quiet else contextlib.nullcontext():
+            model, tokenizer = load_model(cfg.model, cfg.gguf_file, cfg.dtype, cfg.device)
+            results = evaluate(cfg, model, tokenizer)
     except (FileNotFoundError, ValueError) as err:
         print(f"python -m minillm.eval: error: {err}", file=sys.stderr)
         return 2

@@ -24,26 +24,28 @@ def generate_samples(
     temperature: float = 0.8,
     top_p: float = 0.95,
     seed: int = 0,
+    greedy_only: bool = False,
 ) -> list[dict[str, str]]:
-    """Per prompt, the greedy and the sampled continuation (text after the prompt)."""
+    """Per prompt, the greedy and (unless ``greedy_only``) the sampled continuation (text
+    after the prompt)."""
     device = next(model.parameters()).device
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").to(device)
         common = dict(max_new_tokens=max_new_tokens, pad_token_id=_pad_id(tokenizer))
-        greedy = model.generate(**ids, do_sample=False, **common)
-        torch.manual_seed(seed)
-        sampled = model.generate(
-            **ids, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common
-        )
         n = ids["input_ids"].shape[1]
-        out.append(
-            {
-                "prompt": prompt,
-                "greedy": tokenizer.decode(greedy[0, n:], skip_special_tokens=True),
-                "sampled": tokenizer.decode(sampled[0, n:], skip_special_tokens=True),
-            }
-        )
+        greedy = model.generate(**ids, do_sample=False, **common)
+        sample = {
+            "prompt": prompt,
+            "greedy": tokenizer.decode(greedy[0, n:], skip_special_tokens=True),
+        }
+        if not greedy_only:
+            torch.manual_seed(seed)
+            sampled = model.generate(
+                **ids, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common
+            )
+            sample["sampled"] = tokenizer.decode(sampled[0, n:], skip_special_tokens=True)
+        out.append(sample)
     return out
 
 

@@ -30,6 +30,9 @@ from minillm.surgery import layer_records, prune_layer
 
 log = logging.getLogger("minillm")
 DATA_FREE_CRITERIA = ("random", "magnitude")  # these never look at calibration text
+HELDOUT_TEXT = Path(__file__).parent / "texts" / "wikitext2_test_excerpt.txt"  # CC BY-SA 3.0
+PROMPT = "The capital of France is"
+PROMPT_TOKENS = 16
 
 
 @dataclass
@@ -48,6 +51,7 @@ class PruneConfig:
     nsamples: int
     seqlen: int
     eval_text: str | None
+    prompt: str
     eval_tokens: int
     eval_seqlen: int
     gradients: str
@@ -104,7 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sequence")
-    p.add_argument("--eval-text", help="held-out text file for perplexity before/after")
+    p.add_argument(
+        "--eval-text",
+        default=str(HELDOUT_TEXT),
+        help="held-out text file for perplexity before/after, or 'none' (default: a "
+        "~2,800-token WikiText-2 test excerpt shipped with minillm, CC BY-SA 3.0)",
+    )
+    p.add_argument(
+        "--prompt",
+        default=PROMPT,
+        help=f"greedy {PROMPT_TOKENS}-token continuation before/after ('' to skip)",
+    )
     p.add_argument("--eval-tokens", type=int, default=8192, help="tokens of --eval-text used")
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
     p.add_argument(
@@ -184,7 +198,9 @@ def validate(cfg: PruneConfig) -> None:
             f"--calib: no such file '{cfg.calib}' (or use 'self', {', '.join(HUB_CALIBRATION)})"
         )
     if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
-        raise FileNotFoundError(f"--eval-text: no such file '{cfg.eval_text}'")
+        raise FileNotFoundError(
+            f"--eval-text: no such file '{cfg.eval_text}' (or 'none' to skip perplexity)"
+        )
     if cfg.model is not None and Path(cfg.model).suffix == ".gguf":
         raise ValueError(
             "--model: pass the GGUF's directory as --model and its name as --gguf-file"
@@ -197,6 +213,23 @@ def validate(cfg: PruneConfig) -> None:
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def greedy_continuation(model, tokenizer, cfg: PruneConfig) -> str | None:
+    if not cfg.prompt:
+        return None
+    from minillm.generation import generate_samples
+
+    sample = generate_samples(model, tokenizer, [cfg.prompt], PROMPT_TOKENS, greedy_only=True)
+    return sample[0]["greedy"]
+
+
+def prunable_params(groups, keep: allocation.Keep | None = None) -> int:
+    """Parameters of the units of ``groups`` (only those kept in ``keep``, if given)."""
+    return sum(
+        g.unit_params() * (g.n_units if keep is None else len(keep[(g.layer, g.kind)]))
+        for g in groups
+    )
 
 
 def eval_ppl(model, tokenizer, cfg: PruneConfig) -> float | None:
@@ -253,6 +286,7 @@ def run(cfg: PruneConfig) -> dict:
                 cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, model
             )
     ppl_before = eval_ppl(model, tokenizer, cfg)
+    sample_before = greedy_continuation(model, tokenizer, cfg)
     params_before = count_params(model)
     kinds = ["heads", "channels"] if cfg.target == "both" else [cfg.target]
     groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in kinds]
@@ -266,6 +300,8 @@ def run(cfg: PruneConfig) -> dict:
         keep = allocate(groups, scores, cfg, options)
         if multiples:
             keep = allocation.round_to_multiples(groups, scores, keep, multiples)
+        prunable = prunable_params(groups)
+        prunable_removed = prunable - prunable_params(groups, keep)
         if cfg.compensate:
             compensate(ctx, keep)
         for layer in layers:
@@ -278,6 +314,7 @@ def run(cfg: PruneConfig) -> dict:
                 cfg.gqa,
             )
     ppl_after = eval_ppl(model, tokenizer, cfg)
+    sample_after = greedy_continuation(model, tokenizer, cfg)
     report = {
         "model": cfg.model or "SmolLM2-135M-Instruct (embedded GGUF)",
         "architecture": adapter.name,
@@ -285,13 +322,20 @@ def run(cfg: PruneConfig) -> dict:
         "ratio": cfg.ratio,
         "params_before": params_before,
         "params_after": count_params(model),
+        "prunable_params": prunable,
+        "prunable_params_removed": prunable_removed,
         "layers": layer_records(model, adapter),
         "pruned_layers": layers,
+        "target": cfg.target,
         "forward_passes": ctx.forward_passes,
         "tokens_forwarded": ctx.tokens_forwarded,
         "calibration_tokens": batches.numel(),
+        "eval_text": cfg.eval_text,
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
+        "generation": None
+        if sample_before is None
+        else {"prompt": cfg.prompt, "before": sample_before, "after": sample_after},
         "seed": cfg.seed,
         "config": asdict(cfg),
         "versions": library_versions(),
@@ -304,16 +348,39 @@ def run(cfg: PruneConfig) -> dict:
     return report
 
 
+def removed_lines(report: dict) -> list[str]:
+    """What fraction was removed, of the pruned layers' prunable parameters and of the model."""
+    before, after = report["params_before"], report["params_after"]
+    prunable, removed = report["prunable_params"], report["prunable_params_removed"]
+    first, last = report["pruned_layers"][0], report["pruned_layers"][-1]
+    units = {"heads": "attention heads", "channels": "MLP channels"}.get(
+        report["target"], "attention heads and MLP channels"
+    )
+    return [
+        f"removed    {100 * removed / prunable:.1f}% of the prunable parameters of layers "
+        f"{first}-{last} ({removed:,} of {prunable:,}: the weights and biases of their {units})",
+        f"           {100 * (1 - after / before):.1f}% of the whole model ({before:,} -> "
+        f"{after:,} parameters, embeddings, norms and unpruned layers included)",
+    ]
+
+
 def summary(report: dict) -> str:
     """Human-readable summary of a report (stdout)."""
-    before, after = report["params_before"], report["params_after"]
     lines = [
         f"model      {report['model']} ({report['architecture']})",
-        f"criterion  {report['criterion']}  ratio {report['ratio']}",
-        f"params     {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% removed)",
+        f"criterion  {report['criterion']}  --ratio {report['ratio']}",
+        *removed_lines(report),
     ]
     if report["ppl_before"] is not None:
-        lines.append(f"perplexity {report['ppl_before']:.2f} -> {report['ppl_after']:.2f}")
+        lines.append(
+            f"perplexity {report['ppl_before']:.2f} -> {report['ppl_after']:.2f} "
+            f"on {Path(report['eval_text']).name}"
+        )
+    if report["generation"] is not None:
+        sample = report["generation"]
+        lines.append(f"prompt     {sample['prompt']!r} (greedy, {PROMPT_TOKENS} tokens)")
+        lines.append(f"  before   {sample['before']!r}")
+        lines.append(f"  after    {sample['after']!r}")
     t, m = report["time_s"], report["peak_memory_bytes"]
     lines.append(f"time       {t['total']:.1f} s (score {t['score']:.1f} s)")
     lines.append(f"peak mem   {m['total'] / 2**20:.0f} MiB (score {m['score'] / 2**20:.0f} MiB)")
@@ -329,6 +396,8 @@ def summary(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = PruneConfig(**vars(args))
+    if cfg.eval_text is not None and cfg.eval_text.lower() == "none":
+        cfg.eval_text = None
     logging.basicConfig(
         level=logging.WARNING if cfg.quiet else logging.INFO,
         format="%(message)s",
