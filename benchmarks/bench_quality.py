@@ -150,7 +150,9 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
-        "--reconstruct", default="off", help="off, on, or off,on: prune by masking and/or refit"
+        "--reconstruct",
+        default="off",
+        help="comma list of off (mask), on (refit), select (choose units on the Gram and refit)",
     )
     p.add_argument("--ridge", type=float, default=1e-4, help="--reconstruct: relative ridge")
     p.add_argument(
@@ -231,12 +233,18 @@ def main() -> None:
                     together=alloc == "together",
                 )
             for recon in args.reconstruct.split(","):
-                if recon == "on":
+                if recon in ("on", "select"):
                     pruned = copy.deepcopy(model)
                     t0 = time.perf_counter()
                     layers = sorted({g.layer for g in groups})
                     prune_sequential(
-                        pruned, adapter_for(pruned), calib, keep, layers, ridge=args.ridge
+                        pruned,
+                        adapter_for(pruned),
+                        calib,
+                        keep,
+                        layers,
+                        ridge=args.ridge,
+                        select=recon == "select",
                     )
                     recon_s = time.perf_counter() - t0
                     result, params_after = ppl(pruned), sum(p.numel() for p in pruned.parameters())
@@ -247,11 +255,11 @@ def main() -> None:
                     recon_s = 0.0
                     undo()
                 row = {
-                    "config": name + ("+reconstruct" if recon == "on" else ""),
+                    "config": name + {"off": "", "on": "+reconstruct", "select": "+select"}[recon],
                     "criterion": criterion,
                     "options": options,
                     "allocation": alloc,
-                    "reconstruct": recon == "on",
+                    "reconstruct": recon,
                     "ratio": ratio,
                     "params_after": params_after,
                     "ppl": result,

@@ -118,40 +118,116 @@ def refit_weights(
     return sol[:k].t().contiguous(), new_bias
 
 
+def _augmented_inverse(gram: Gram, ridge: float) -> torch.Tensor:
+    """``(G_aug + lam I)^-1`` ``[in + 1, in + 1]`` of the inputs with a constant 1 appended."""
+    n = gram.xtx.shape[0]
+    a = torch.empty(n + 1, n + 1, dtype=torch.float64, device=gram.xtx.device)
+    a[:n, :n] = gram.xtx
+    a[:n, n] = a[n, :n] = gram.xsum
+    a[n, n] = float(gram.count)
+    a.diagonal()[:n] += ridge * gram.xtx.diagonal().mean().clamp_min(1e-12) + 1e-12
+    return torch.linalg.inv(a)
+
+
+def _removal_costs(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``tr(W_B (H^-1_BB)^-1 W_B^T)`` for every unit's columns ``cols[u]``: ``[n_units]``."""
+    if cols.shape[1] == 1:
+        c = cols[:, 0]
+        return w[:, c].pow(2).sum(0) / hinv.diagonal()[c]
+    return torch.stack(
+        [torch.trace(w[:, b] @ torch.linalg.solve(hinv[b][:, b], w[:, b].t())) for b in cols]
+    )
+
+
+def select_removals(
+    weight: torch.Tensor,
+    gram: Gram,
+    block: int,
+    partitions: int,
+    n_remove_per_partition: int,
+    ridge: float,
+) -> torch.Tensor:
+    """Units to remove, chosen greedily by the least increase of the refit output error.
+
+    Unit ``u`` owns input columns ``B = [u * block, (u + 1) * block)`` of the consumer
+    ``weight`` ``[out, in]``. Removing it with the other columns refit optimally (the optimal
+    brain surgeon, by blocks) costs ``tr(W_B (H^-1_BB)^-1 W_B^T)``, ``H`` the Gram matrix of
+    the inputs with a constant appended (the bias is refit too); after each removal ``W`` and
+    ``H^-1`` are updated. Each of the ``partitions`` equal runs of units loses
+    ``n_remove_per_partition``. Returns the removed unit ids ``[r]``.
+    """
+    hinv = _augmented_inverse(gram, ridge)
+    w = torch.cat([weight.double(), weight.new_zeros(weight.shape[0], 1).double()], 1)
+    n_units = weight.shape[1] // block
+    per = n_units // partitions
+    partition = torch.arange(n_units, device=w.device) // per
+    quota = torch.full((partitions,), n_remove_per_partition, device=w.device)
+    alive = torch.ones(n_units, dtype=torch.bool, device=w.device)
+    removed = []
+    cols = torch.arange(n_units * block, device=w.device).view(n_units, block)
+    for _ in range(n_remove_per_partition * partitions):
+        open_ = alive & (quota[partition] > 0)
+        best = int(torch.where(open_, _removal_costs(w, hinv, cols), torch.inf).argmin())
+        b = cols[best]
+        inv_bb = torch.linalg.inv(hinv[b][:, b])
+        w -= w[:, b] @ inv_bb @ hinv[b]
+        hinv -= hinv[:, b] @ inv_bb @ hinv[b]
+        alive[best] = False
+        quota[best // per] -= 1
+        removed.append(best)
+    return torch.tensor(sorted(removed), dtype=torch.long)
+
+
 @torch.no_grad()
 def prune_and_refit(
-    model, adapter: Adapter, layer: int, kind: str, keep, inputs: Boundary, gqa: str, ridge
+    model,
+    adapter: Adapter,
+    layer: int,
+    kind: str,
+    keep: torch.Tensor,
+    inputs: Boundary,
+    gqa: str = "query",
+    ridge: float = 1e-4,
+    select: bool = False,
 ) -> None:
     """Remove ``kind`` units of ``layer`` not in ``keep`` and refit their consumers on the
-    Gram statistics of the consumer inputs when the block runs on ``inputs``."""
+    Gram statistics of the consumer inputs when the block runs on ``inputs``.
+
+    ``select=True`` keeps as many units per partition as ``keep`` but chooses them by
+    :func:`select_removals` on the same statistics.
+    """
     group = adapter.groups(model, layer, gqa)[kind]
-    if not group.consumers:
-        raise ValueError(f"reconstruction: {kind} of layer {layer} have no consumer linear")
-    block = adapter.layers(model)[layer]
+    if len(group.consumers) != 1:
+        raise ValueError(f"reconstruction: {kind} of layer {layer} need exactly one consumer")
+    consumer = group.consumers[0]
+    lin = consumer.linear
+    gram = consumer_gram(adapter.layers(model)[layer], lin, inputs)
+    if gram.count <= lin.in_features:
+        log.warning(
+            "reconstruction: %d calibration tokens for %d inputs of layer %d %s; the ridge "
+            "decides the refit",
+            gram.count,
+            lin.in_features,
+            layer,
+            kind,
+        )
+    if select:
+        per_partition = (group.n_units - keep.numel()) // group.partitions
+        removed = select_removals(
+            lin.weight, gram, consumer.size, group.partitions, per_partition, ridge
+        )
+        keep = torch.ones(group.n_units, dtype=torch.bool)
+        keep[removed] = False
+        keep = keep.nonzero().flatten()
     keep = keep.sort().values
-    refits = []
-    for b in group.consumers:
-        lin = b.linear
-        gram = consumer_gram(block, lin, inputs)
-        if gram.count < lin.in_features:
-            log.warning(
-                "reconstruction: %d calibration tokens for %d inputs of layer %d %s; the ridge "
-                "decides the refit",
-                gram.count,
-                lin.in_features,
-                layer,
-                kind,
-            )
-        cols = b.indices(keep.to(lin.weight.device))
-        refits.append(refit_weights(lin.weight, lin.bias, gram, cols, ridge))
-        del gram
+    cols = consumer.indices(keep.to(lin.weight.device))
+    weight, bias = refit_weights(lin.weight, lin.bias, gram, cols, ridge)
+    del gram
     # slice through the surgery (head counts, BLOOM's ALiBi rows), then write the refit weights
     heads, channels = (keep, None) if kind == "heads" else (None, keep)
     prune_layer(model, adapter, layer, heads, channels, gqa)
-    for b, (w, bias) in zip(group.consumers, refits, strict=True):
-        lin = b.linear
-        lin.weight.data.copy_(w.to(lin.weight.dtype))
-        lin.bias = nn.Parameter(bias.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad)
+    lin.weight.data.copy_(weight.to(lin.weight.dtype))
+    lin.bias = nn.Parameter(bias.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad)
 
 
 @torch.no_grad()
@@ -164,10 +240,12 @@ def prune_sequential(
     gqa: str = "query",
     batch_size: int = 8,
     ridge: float = 1e-4,
+    select: bool = False,
 ) -> None:
     """Prune ``layers`` bottom-up to the kept units ``keep`` (as :func:`minillm.surgery.prune_layer`
     would), refitting each consumer on the calibration ``tokens`` ``[n, seqlen]`` as they reach
-    the layer through the already-pruned layers below it."""
+    the layer through the already-pruned layers below it. ``select=True``: ``keep`` gives only
+    how many units each layer keeps; which ones is decided by :func:`select_removals`."""
     boundary = capture(model, adapter, tokens, batch_size)
     top = max(layers)
 
@@ -175,7 +253,8 @@ def prune_sequential(
         if i in layers:
             for kind in ("heads", "channels"):
                 if (i, kind) in keep:
-                    prune_and_refit(model, adapter, i, kind, keep[(i, kind)], inputs, gqa, ridge)
+                    units = keep[(i, kind)]
+                    prune_and_refit(model, adapter, i, kind, units, inputs, gqa, ridge, select)
         return run_block(adapter.layers(model)[i], inputs)
 
     sweep(model, adapter, boundary, range(top + 1), visit)

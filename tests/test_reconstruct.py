@@ -7,7 +7,7 @@ import torch
 from conftest import VOCAB, make_tiny_model
 
 from minillm.adapters import adapter_for
-from minillm.reconstruct import Gram, prune_sequential, refit_weights
+from minillm.reconstruct import Gram, prune_sequential, refit_weights, select_removals
 from minillm.surgery import prune_layer
 
 TOKENS = torch.randint(0, VOCAB, (6, 24), generator=torch.Generator().manual_seed(7))
@@ -115,3 +115,59 @@ def test_refit_beats_masking_on_calibration_loss(family):
         err_refit = (model(TOKENS).logits - dense).pow(2).mean()
         err_mask = (masked(TOKENS).logits - dense).pow(2).mean()
     assert err_refit < err_mask
+
+
+def _refit_error(x, w, b, kept_cols) -> float:
+    y = x @ w.t() + b
+    fw, fb = _lstsq(x[:, kept_cols], y)
+    return float((x[:, kept_cols].double() @ fw.t() + fb - y.double()).pow(2).sum())
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_selection_picks_the_unit_whose_refit_error_is_least(block):
+    gen = torch.Generator().manual_seed(1)
+    n_units = 6
+    x = torch.randn(300, n_units * block, generator=gen) * torch.rand(
+        n_units * block, generator=gen
+    )
+    w, b = torch.randn(4, n_units * block, generator=gen), torch.randn(4, generator=gen)
+    gram = Gram(
+        torch.zeros(n_units * block, n_units * block, dtype=torch.float64),
+        torch.zeros(n_units * block, dtype=torch.float64),
+    )
+    gram.add(x)
+    removed = select_removals(w, gram, block, 1, 1, ridge=1e-12)
+    errors = [
+        _refit_error(x, w, b, torch.tensor([c for c in range(n_units * block) if c // block != u]))
+        for u in range(n_units)
+    ]
+    assert removed.tolist() == [min(range(n_units), key=errors.__getitem__)]
+
+
+def test_selection_removes_evenly_across_partitions():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 8, generator=gen)
+    x[:, :4] *= 0.01  # every cheap unit lies in partition 0
+    w = torch.randn(3, 8, generator=gen)
+    gram = Gram(torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64))
+    gram.add(x)
+    removed = select_removals(w, gram, 1, 2, 2, ridge=1e-12).tolist()
+    assert len(removed) == 4 and sum(u < 4 for u in removed) == 2
+
+
+def test_selected_refit_beats_given_units(family):
+    """Choosing the removed channels on the Gram lowers the logit error of the same count."""
+    tokens = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(8))
+    keep = None
+    errs = []
+    for select in (False, True):
+        model = make_tiny_model(family)
+        adapter = adapter_for(model)
+        if keep is None:
+            keep = {(1, "channels"): _keep(adapter.groups(model, 1)["channels"], 48)}
+        prune_sequential(model, adapter, tokens, keep, [1], batch_size=8, select=select)
+        with torch.no_grad():
+            dense = make_tiny_model(family)(tokens).logits
+            errs.append(float((model(tokens).logits - dense).pow(2).mean()))
+        assert adapter.layer_sizes(model, 1)["channels"] == len(keep[(1, "channels")])
+    assert errs[1] < errs[0]
