@@ -253,7 +253,8 @@ def eval_ppl(model, tokenizer, cfg: PruneConfig) -> float | None:
     from minillm.perplexity import perplexity, read_text, tokenize_text
 
     ids = tokenize_text(tokenizer, read_text(cfg.eval_text), cfg.eval_tokens)
-    return perplexity(model, ids, cfg.eval_seqlen, progress=not cfg.quiet)
+    limit = getattr(model.config, "max_position_embeddings", None) or cfg.eval_seqlen
+    return perplexity(model, ids, min(cfg.eval_seqlen, limit), progress=not cfg.quiet)
 
 
 def allocate(groups, scores, cfg: PruneConfig, options: dict) -> allocation.Keep:
@@ -377,10 +378,11 @@ def removed_lines(report: dict) -> list[str]:
         report["target"], "attention heads and MLP channels"
     )
     return [
+        f"params     {before:,} -> {after:,}",
         f"removed    {100 * removed / prunable:.1f}% of the prunable parameters of layers "
         f"{first}-{last} ({removed:,} of {prunable:,}: the weights and biases of their {units})",
-        f"           {100 * (1 - after / before):.1f}% of the whole model ({before:,} -> "
-        f"{after:,} parameters, embeddings, norms and unpruned layers included)",
+        f"           {100 * (1 - after / before):.1f}% of the whole model (every parameter: "
+        "embeddings, norms and the layers left dense included)",
     ]
 
 
