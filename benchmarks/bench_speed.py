@@ -1,33 +1,54 @@
-"""Prefill and decode tokens/s of dense SmolLM2-135M and pruned outputs, side by side on CPU.
+"""Prefill and decode tokens/s of SmolLM2-135M, dense and pruned, with and without --round-to.
 
-Every model is loaded once; each repeat times every model in turn (batch 1 and 16, a random
-prompt of ``--prompt-tokens`` then ``--new-tokens`` greedy steps with the KV cache), so machine
-load drifts hit them alike; the best of ``--repeats`` is kept. Prints JSON (stdout): per model,
-``minillm.generation.compare_speed``'s keys, its kept sizes, and tokens/s relative to dense.
+Scores the model once with the CLI's default criterion (and every other CLI default, overridden
+by ``--calib``/``--nsamples``), then prunes a copy per ratio of ``--ratios``, once as allocated
+and once post-processed by ``--round-to`` (the same steps as ``python -m minillm.prune``), and
+times all of them in one process: each repeat times every model in turn (batch 1 and 16, a
+random prompt of ``--prompt-tokens`` then ``--new-tokens`` greedy steps with the KV cache), so
+machine load drifts hit them alike; the best of ``--repeats`` is kept. Prints JSON (stdout):
+per model its parameters, kept sizes, ``minillm.generation.compare_speed``'s keys and tokens/s
+relative to dense.
 
 Command (see BENCHMARKS.md)::
 
-    python benchmarks/bench_speed.py --cache-dir /tmp/smollm2-f32 --threads 2 \\
-        p20=/tmp/speed/p20 p20r=/tmp/speed/p20r p50=/tmp/speed/p50 p50r=/tmp/speed/p50r
+    python benchmarks/bench_speed.py --cache-dir /tmp/smollm2-f32 \\
+        --calib ../shared/data/wikitext2/valid.txt --nsamples 8 --round-to channels=8
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
+from dataclasses import asdict, replace
 
 import torch
 from _smollm2 import load_smollm2
 
+from minillm import allocation, prune
+from minillm.adapters import adapter_for
+from minillm.criteria import CRITERIA, ScoringContext
+from minillm.data import calibration_batches
 from minillm.generation import compare_speed
-from minillm.io import load_pruned
+from minillm.surgery import layer_records, prune_layer
+
+
+def pruned_copy(model, adapter, keep, layers, gqa: str):
+    out = copy.deepcopy(model)
+    for layer in layers:
+        heads, channels = keep.get((layer, "heads")), keep.get((layer, "channels"))
+        prune_layer(out, adapter, layer, heads, channels, gqa)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="+", metavar="NAME=DIR", help="pruned output directories")
     p.add_argument("--cache-dir", help="float32 SmolLM2 cache (see benchmarks/_smollm2.py)")
+    p.add_argument("--calib", default="self")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--ratios", default="0.2,0.5")
+    p.add_argument("--round-to", default="channels=8")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--batch-sizes", default="1,16")
@@ -35,21 +56,40 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    models = {"dense": load_smollm2(args.cache_dir)[0]}
-    sizes = {}
-    for item in args.models:
-        name, _, path = item.partition("=")
-        models[name] = load_pruned(path)
-        sizes[name] = json.loads(open(f"{path}/report.json").read())["layers"]
+    argv = ["--calib", args.calib, "--nsamples", str(args.nsamples), "--out", "-"]
+    cfg = prune.PruneConfig(**vars(prune.build_parser().parse_args(argv)))
+    dense, tok = load_smollm2(args.cache_dir)
+    adapter = adapter_for(dense)
+    layers = prune.parse_layers(cfg.layers, len(adapter.layers(dense)))
+    groups = [adapter.groups(dense, i, cfg.gqa)[k] for i in layers for k in ("heads", "channels")]
+    batches = calibration_batches(cfg.calib, tok, cfg.nsamples, cfg.seqlen, cfg.seed, dense)
+    options = {k: v for k, v in asdict(cfg).items() if v is not None}
+    scores = CRITERIA[cfg.criterion](
+        ScoringContext(dense, adapter, groups, batches, cfg.seed, options=options)
+    )
+    multiples = prune.parse_round_to(args.round_to)
+    models = {"dense": dense}
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        keep = prune.allocate(groups, scores, replace(cfg, ratio=ratio), options)
+        name = f"{cfg.criterion}-{ratio:g}"
+        models[name] = pruned_copy(dense, adapter, keep, layers, cfg.gqa)
+        rounded = allocation.round_to_multiples(groups, scores, keep, multiples)
+        models[f"{name}-round-{args.round_to}"] = pruned_copy(
+            dense, adapter, rounded, layers, cfg.gqa
+        )
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    print(f"timing {list(models)}", file=sys.stderr)
     speed = compare_speed(models, args.prompt_tokens, args.new_tokens, batch_sizes, args.repeats)
-    out = {"args": vars(args), "torch_threads": torch.get_num_threads(), "models": {}}
+    out = {"args": vars(args), "criterion": cfg.criterion, "torch_threads": torch.get_num_threads()}
+    out["models"] = {}
     for name, figures in speed.items():
         relative = {k: v / speed["dense"][k] for k, v in figures.items() if "tokens_per_s" in k}
-        params = sum(p.numel() for p in models[name].parameters())
-        out["models"][name] = {"params": params, **figures, "vs_dense": relative}
-        if name in sizes:
-            out["models"][name]["layers"] = sizes[name]
+        out["models"][name] = {
+            "params": sum(t.numel() for t in models[name].parameters()),
+            **figures,
+            "vs_dense": relative,
+            "layers": layer_records(models[name], adapter),
+        }
         print(f"{name}: {relative}", file=sys.stderr)
     print(json.dumps(out, indent=2))
 
