@@ -295,19 +295,20 @@ def run(cfg: PruneConfig) -> dict:
         model, tokenizer = load_model(cfg.model, cfg.gguf_file, cfg.dtype, cfg.device)
     adapter = adapter_for(model)
     layers = parse_layers(cfg.layers, len(adapter.layers(model)))
+    kinds = ["heads", "channels"] if cfg.target == "both" else [cfg.target]
+    groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in kinds]
+    multiples = parse_round_to(cfg.round_to)
+    allocation.check_multiples(groups, multiples)
     with meter.phase("calibrate"):
         batches = torch.empty(0, cfg.seqlen, dtype=torch.long)
         if cfg.compensate or cfg.reconstruct or cfg.criterion not in DATA_FREE_CRITERIA:
             batches = calibration_batches(
                 cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, model
             )
-    ppl_before = eval_ppl(model, tokenizer, cfg)
-    sample_before = greedy_continuation(model, tokenizer, cfg)
+    with meter.phase("eval_before"):
+        ppl_before = eval_ppl(model, tokenizer, cfg)
+        sample_before = greedy_continuation(model, tokenizer, cfg)
     params_before = count_params(model)
-    kinds = ["heads", "channels"] if cfg.target == "both" else [cfg.target]
-    groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in kinds]
-    multiples = parse_round_to(cfg.round_to)
-    allocation.check_multiples(groups, multiples)
     options = {k: v for k, v in asdict(cfg).items() if v is not None}
     ctx = ScoringContext(model, adapter, groups, batches, cfg.seed, options=options)
     with meter.phase("score"):
@@ -334,8 +335,9 @@ def run(cfg: PruneConfig) -> dict:
                     keep.get((layer, "channels")),
                     cfg.gqa,
                 )
-    ppl_after = eval_ppl(model, tokenizer, cfg)
-    sample_after = greedy_continuation(model, tokenizer, cfg)
+    with meter.phase("eval_after"):
+        ppl_after = eval_ppl(model, tokenizer, cfg)
+        sample_after = greedy_continuation(model, tokenizer, cfg)
     report = {
         "model": cfg.model or "SmolLM2-135M-Instruct (embedded GGUF)",
         "architecture": adapter.name,
