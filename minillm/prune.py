@@ -58,6 +58,7 @@ class PruneConfig:
     dist: str
     batch_size: int
     compensate: bool
+    spill: bool
     reconstruct: bool
     select: str
     ridge: float
@@ -126,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, help="SPSA perturbation size (default per variant)")
     p.add_argument("--dist", choices=["rademacher", "gaussian"], default="rademacher")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per scoring forward")
+    p.add_argument(
+        "--spill",
+        action="store_true",
+        help="exact gradients: keep each block's inputs in a temporary directory, not in memory",
+    )
     p.add_argument("--compensate", action="store_true", help="fold removed means into biases")
     p.add_argument(
         "--reconstruct",
