@@ -64,6 +64,7 @@ class PruneConfig:
     out: str
     overwrite: bool
     quiet: bool
+    offload: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no logs or progress bars")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="stream one decoder block at a time from the checkpoint (automatic when the "
+        "weights exceed half the free memory; see minillm/streaming.py)",
+    )
     return p
 
 
@@ -216,6 +223,10 @@ def library_versions() -> dict[str, str]:
 def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
     validate(cfg)
+    from minillm import streaming
+
+    if streaming.should_stream(cfg):
+        return streaming.run(cfg)
     meter = PhaseMeter(cfg.device)
     # transformers' GGUF de-quantization bar cannot be switched off: swallow it under --quiet
     silence = contextlib.redirect_stderr(io.StringIO()) if cfg.quiet else contextlib.nullcontext()
