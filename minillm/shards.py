@@ -193,6 +193,41 @@ def open_checked(path: Path, device: str = "cpu") -> Iterator:
         yield f
 
 
+def read_header(path: str | os.PathLike) -> tuple[int, dict[str, dict]]:
+    """``(offset of the data, {name: {"dtype", "shape", "data_offsets"}})`` of a safetensors file
+    (the file is assumed checked by :func:`open_checked`)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+
+def read_tensor(path: str | os.PathLike, data_start: int, entry: dict) -> torch.Tensor:
+    """One tensor read with plain file I/O into fresh memory (``entry`` from :func:`read_header`).
+
+    Unlike a memory map, nothing of the file stays mapped into the process: its resident size
+    grows by the tensor alone (mapped pages count in the resident high-water mark).
+    """
+    t = torch.empty(entry["shape"], dtype=_TORCH_DTYPES[entry["dtype"]])
+    begin, end = entry["data_offsets"]
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    if buf.nbytes != end - begin:
+        raise ValueError(f"'{path}': tensor size does not match its offsets")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(data_start + begin)
+        done = 0
+        while done < buf.nbytes:
+            n = f.readinto(buf[done:])
+            if not n:
+                raise ValueError(f"'{path}': file ends inside a tensor (truncated)")
+            done += n
+    return t
+
+
 def check_shards(path: str | os.PathLike) -> None:
     """Raise the one-line error of :func:`weight_map`/:class:`open_checked` for a checkpoint
     directory with a missing, truncated or corrupt shard (headers only: nothing is read)."""

