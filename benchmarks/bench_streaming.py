@@ -87,7 +87,7 @@ def prune(model: Path, out: Path, args, offload: bool) -> dict:
         "params_after": report["params_after"],
     }
     if offload:
-        row["write_s_per_block"] = report["streamed"]["write_s_per_block"]
+        row["save_s_per_block"] = report["streamed"]["save_s_per_block"]
     return row
 
 

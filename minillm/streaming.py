@@ -17,7 +17,9 @@ passes over the checkpoint:
    that block); ``taylor`` runs the block-by-block exact gradients with this source; ``random``
    needs no weights. Blocks above the last pruned one are not loaded for forward-only criteria.
 2. allocate (uniform or global, as in memory), then load each block again, compensate (FLAP),
-   prune it, write it through a :class:`~minillm.shards.ShardWriter` and release it.
+   prune it, release it: with a :class:`~minillm.shards.ShardWriter` attached, a part is
+   written when released. ``--reconstruct`` runs :func:`minillm.reconstruct.prune_sequential`
+   (a :func:`~minillm.block_loop.sweep` visit per block) unchanged with this source.
 
 Peak memory is one block, the embedding or LM head, and the calibration hidden states of one
 boundary (``taylor`` keeps one per block, spilled to disk), whatever the depth.
@@ -36,7 +38,6 @@ import ctypes
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from minillm.data import calibration_batches
 from minillm.io import atomic_output_dir, save_pruned
 from minillm.memory import PhaseMeter
 from minillm.models import load_model, parse_dtype
+from minillm.reconstruct import prune_sequential
 from minillm.surgery import layer_records, prune_layer
 
 log = logging.getLogger("minillm")
@@ -99,6 +101,8 @@ class StreamedModel:
         self._entries = self._partition()
         self._originals: dict[tuple[nn.Module, str], nn.Parameter] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
+        self.writer: shards.ShardWriter | None = None  # set: each part is written on release
+        self.written: set[int | str] = set()
         every = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         self._tied = every - {n for n, _ in self.model.named_parameters()}  # second names
         self._check_shapes()
@@ -166,7 +170,12 @@ class StreamedModel:
             module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
 
     def release(self, part: int | str) -> None:
-        """Return ``part`` to meta; a parameter pruned or created meanwhile keeps its new shape."""
+        """Return ``part`` to meta; a parameter pruned or created meanwhile keeps its new shape.
+
+        With a ``writer`` attached, a part not written yet is written first (as it is now)."""
+        if self.writer is not None and part not in self.written:
+            self.writer.add_all(self.state(part))
+            self.written.add(part)
         for module in {m for m, _, _ in self._entries[part]}:
             for leaf, p in list(module._parameters.items()):
                 if p is None or p.is_meta:
@@ -176,6 +185,13 @@ class StreamedModel:
                     old = nn.Parameter(p.detach().to("meta"), requires_grad=False)
                 module._parameters[leaf] = old
         _trim_heap()
+
+    def write_rest(self) -> None:
+        """Load and release (so write) every part not written yet."""
+        for part in ("embed", *range(len(self.adapter.layers(self.model))), "head"):
+            if part not in self.written:
+                with resident(self, part):
+                    pass
 
     def state(self, part: int | str) -> dict[str, torch.Tensor]:
         """Checkpoint names and tensors of a resident ``part`` (tied duplicates left out)."""
@@ -255,7 +271,8 @@ def _validate(cfg) -> None:
             f"--criterion: '{cfg.criterion}' cannot stream blocks yet; "
             f"with --offload use one of {', '.join(STREAMED_CRITERIA)}"
         )
-    if cfg.calib == "self" and (cfg.compensate or cfg.criterion not in ("random", "magnitude")):
+    needs_text = cfg.compensate or cfg.reconstruct or cfg.criterion not in ("random", "magnitude")
+    if cfg.calib == "self" and needs_text:
         raise ValueError(
             "--calib: 'self' generates text with the whole model; with --offload "
             "pass a text/JSON/JSONL file"
@@ -326,30 +343,32 @@ def _stream_stats(sm: StreamedModel, cfg, tokens, ctx: ScoringContext, score) ->
     return all_stats
 
 
-def _write(sm: StreamedModel, cfg, keep, ctx: ScoringContext, writer) -> list[float]:
-    """Pass 2: every part loaded once, pruned (and compensated), written, released.
-
-    Returns seconds per decoder block."""
+def _write(sm: StreamedModel, cfg, keep, ctx: ScoringContext, layers: list[int]) -> None:
+    """Pass 2 (``sm.writer`` attached): prune the blocks of ``layers`` (compensated, or refit
+    bottom-up with ``--reconstruct``), each written when released, then write the other parts."""
     model, adapter = sm.model, sm.adapter
-    times = []
-    with resident(sm, "embed"):
-        writer.add_all(sm.state("embed"))
-    pruned = {layer for layer, _ in keep}
-    for i in range(len(adapter.layers(model))):
-        start = time.perf_counter()
-        with resident(sm, i):
-            if i in pruned:
+    if cfg.reconstruct:
+        prune_sequential(
+            model,
+            adapter,
+            ctx.batches,
+            keep,
+            layers,
+            cfg.gqa,
+            cfg.batch_size,
+            cfg.ridge,
+            source=sm,
+        )
+    else:
+        for i in layers:
+            with resident(sm, i):
                 if cfg.compensate:
                     groups = _block_groups(sm, i, _kinds(cfg), cfg.gqa)
                     compensate(replace(ctx, groups=groups), keep)
                 prune_layer(
                     model, adapter, i, keep.get((i, "heads")), keep.get((i, "channels")), cfg.gqa
                 )
-            writer.add_all(sm.state(i))
-        times.append(time.perf_counter() - start)
-    with resident(sm, "head"):
-        writer.add_all(sm.state("head"))
-    return times
+    sm.write_rest()
 
 
 def run(cfg) -> dict:
@@ -371,7 +390,7 @@ def run(cfg) -> dict:
     layers = parse_layers(cfg.layers, n_blocks)
     with meter.phase("calibrate"):
         tokens = torch.empty(0, cfg.seqlen, dtype=torch.long)
-        if cfg.compensate or cfg.criterion not in ("random", "magnitude"):
+        if cfg.compensate or cfg.reconstruct or cfg.criterion not in ("random", "magnitude"):
             tokens = calibration_batches(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     params_before = count_params(model)
     groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in _kinds(cfg)]
@@ -383,8 +402,8 @@ def run(cfg) -> dict:
         keep = allocate(groups, scores, cfg, options)
     with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         with meter.phase("save"):
-            with shards.ShardWriter(tmp, shards.DEFAULT_SHARD_BYTES) as writer:
-                block_s = _write(sm, cfg, keep, ctx, writer)
+            with shards.ShardWriter(tmp, shards.DEFAULT_SHARD_BYTES) as sm.writer:
+                _write(sm, cfg, keep, ctx, layers)
             save_pruned(model, tokenizer, tmp, write_weights=False)
         report = {
             "model": cfg.model or "SmolLM2-135M-Instruct (embedded GGUF)",
@@ -403,9 +422,10 @@ def run(cfg) -> dict:
             "seed": cfg.seed,
             "config": asdict(cfg),
             "versions": library_versions(),
-            "streamed": {"checkpoint": str(path), "write_s_per_block": block_s},
+            "streamed": {"checkpoint": str(path)},
             **meter.summary(),
         }
-        report["streamed"]["score_s_per_block"] = report["time_s"]["score"] / n_blocks
+        for phase in ("score", "save"):
+            report["streamed"][f"{phase}_s_per_block"] = report["time_s"][phase] / n_blocks
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

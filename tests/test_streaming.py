@@ -34,7 +34,13 @@ def _prune(model_dir, calib_file, out, criterion, *extra) -> int:
 
 
 @pytest.mark.parametrize(
-    ("criterion", "extra"), [("wanda-sp", ()), ("flap", ("--compensate",)), ("taylor", ())]
+    ("criterion", "extra"),
+    [
+        ("wanda-sp", ()),
+        ("flap", ("--compensate",)),
+        ("taylor", ()),
+        ("wanda-sp", ("--reconstruct",)),
+    ],
 )
 def test_streamed_pruning_equals_in_memory(
     sharded_model_dir, calib_file, tmp_path, monkeypatch, criterion, extra
