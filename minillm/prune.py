@@ -68,6 +68,7 @@ class PruneConfig:
     overwrite: bool
     quiet: bool
     offload: bool = False
+    resume: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stream one decoder block at a time from the checkpoint (automatic when the "
         "weights exceed half the free memory; see minillm/streaming.py)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="streamed runs: continue a killed run of the same command from its checkpoint",
     )
     return p
 

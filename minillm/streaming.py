@@ -46,7 +46,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from minillm import shards
-from minillm.activations import collected_stats
+from minillm.activations import InputStats, collected_stats
 from minillm.adapters import adapter_for
 from minillm.block_loop import capture, resident, run_block, sweep
 from minillm.criteria import CRITERIA, ScoringContext, compensate
@@ -55,6 +55,7 @@ from minillm.io import atomic_output_dir, save_pruned
 from minillm.memory import PhaseMeter
 from minillm.models import load_model, parse_dtype
 from minillm.reconstruct import prune_sequential
+from minillm.resume import ResumeState
 from minillm.surgery import layer_records, prune_layer
 
 log = logging.getLogger("minillm")
@@ -186,6 +187,9 @@ class StreamedModel:
                 module._parameters[leaf] = old
         _trim_heap()
 
+    def module_name(self, module: nn.Module) -> str:
+        return self._module_name[module]
+
     def write_rest(self) -> None:
         """Load and release (so write) every part not written yet."""
         for part in ("embed", *range(len(self.adapter.layers(self.model))), "head"):
@@ -238,7 +242,7 @@ def available_bytes(device: str) -> int:
 
 def should_stream(cfg) -> bool:
     """``--offload``, or a local safetensors checkpoint bigger than half the free memory."""
-    if cfg.offload:
+    if cfg.offload or cfg.resume:
         return True
     if cfg.model is None or cfg.gguf_file is not None or not Path(cfg.model).is_dir():
         return False
@@ -286,27 +290,29 @@ def _block_groups(sm: StreamedModel, layer: int, kinds: list[str], gqa: str) -> 
     return [groups[k] for k in kinds]
 
 
-def _score(sm: StreamedModel, cfg, groups, tokens, options) -> tuple[dict, ScoringContext]:
+def _score(
+    sm: StreamedModel, cfg, groups, tokens, options, resume: ResumeState | None
+) -> tuple[dict, ScoringContext]:
     """Scores of every group and the context holding counters and statistics (pass 1)."""
     model, adapter = sm.model, sm.adapter
     ctx = ScoringContext(model, adapter, groups, tokens, cfg.seed, options=options, source=sm)
     if cfg.criterion not in BLOCK_CRITERIA:  # random (no weights) or taylor (exact gradients)
         scores = CRITERIA[cfg.criterion](ctx)
         if cfg.compensate and "stats" not in ctx.cache:
-            ctx.cache["stats"] = _stream_stats(sm, cfg, tokens, ctx, score=None)
+            ctx.cache["stats"], _ = _stream_stats(sm, cfg, tokens, ctx, None, resume)
         return scores, ctx
-    scores: dict = {}
 
-    def score(block_ctx: ScoringContext) -> None:
-        scores.update(CRITERIA[cfg.criterion](block_ctx))
+    def score(block_ctx: ScoringContext) -> dict:
+        return CRITERIA[cfg.criterion](block_ctx)
 
-    if cfg.criterion == "magnitude" and not cfg.compensate:
+    if cfg.criterion == "magnitude" and not cfg.compensate:  # no forward: nothing to resume
+        scores = {}
         for layer in sorted({g.layer for g in groups}):
             with resident(sm, layer):
                 block_groups = _block_groups(sm, layer, _kinds(cfg), cfg.gqa)
-                score(replace(ctx, groups=block_groups, cache={}))
+                scores.update(score(replace(ctx, groups=block_groups, cache={})))
         return scores, ctx
-    ctx.cache["stats"] = _stream_stats(sm, cfg, tokens, ctx, score)
+    ctx.cache["stats"], scores = _stream_stats(sm, cfg, tokens, ctx, score, resume)
     return scores, ctx
 
 
@@ -314,33 +320,78 @@ def _kinds(cfg) -> list[str]:
     return ["heads", "channels"] if cfg.target == "both" else [cfg.target]
 
 
-def _stream_stats(sm: StreamedModel, cfg, tokens, ctx: ScoringContext, score) -> dict:
-    """Run the calibration hidden states up to the last pruned block; statistics of the pruned
-    blocks' linears, and ``score(block_ctx)`` while each pruned block is resident."""
+def _stream_stats(
+    sm: StreamedModel, cfg, tokens, ctx: ScoringContext, score, resume: ResumeState | None = None
+) -> tuple[dict, dict]:
+    """Run the calibration hidden states up to the last pruned block; returns the statistics of
+    the pruned blocks' linears and the scores ``score(block_ctx)`` (``{(layer, kind): scores}``)
+    returns while each pruned block is resident. With ``resume``, the state is checkpointed
+    after every block and a checkpoint found there is continued from."""
     model, adapter = sm.model, sm.adapter
     layers = sorted({g.layer for g in ctx.groups})
-    batch_size = ctx.option("batch_size")
     all_stats: dict = {}
-
-    def visit(i: int, boundary) -> list[torch.Tensor] | None:
-        if i not in layers:
-            return None
-        block_groups = _block_groups(sm, i, _kinds(cfg), cfg.gqa)
-        linears = list(
-            dict.fromkeys(b.linear for g in block_groups for b in g.producers + g.consumers)
+    scores: dict = {}
+    with torch.no_grad():
+        boundary = capture(model, adapter, tokens, ctx.option("batch_size"), sm)
+    first = 0
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        done, tensors, meta = saved
+        boundary = boundary.with_hidden(
+            [tensors[f"hidden.{j}"].to(sm.device) for j in range(len(boundary.hidden))]
         )
-        with collected_stats(linears) as stats:
-            out = run_block(adapter.layers(model)[i], boundary)
-        all_stats.update(stats)
-        if score is not None:
-            score(replace(ctx, groups=block_groups, cache={"stats": stats}))
+        all_stats, scores = _unpack(sm, tensors, meta)
+        first = done + 1
+        log.info("resuming after block %d from %s", done, resume.dir)
+
+    def visit(i: int, boundary) -> list[torch.Tensor]:
+        block = adapter.layers(model)[i]
+        if i not in layers:
+            out = run_block(block, boundary)
+        else:
+            block_groups = _block_groups(sm, i, _kinds(cfg), cfg.gqa)
+            linears = list(
+                dict.fromkeys(b.linear for g in block_groups for b in g.producers + g.consumers)
+            )
+            with collected_stats(linears) as stats:
+                out = run_block(block, boundary)
+            all_stats.update(stats)
+            if score is not None:
+                scores.update(score(replace(ctx, groups=block_groups, cache={"stats": stats})))
+        if resume is not None:
+            resume.save(i, *_pack(sm, out, all_stats, scores))
         return out
 
     with torch.no_grad():
-        boundary = capture(model, adapter, tokens, batch_size, sm)
-        sweep(model, adapter, boundary, range(layers[-1] + 1), visit, source=sm)
+        sweep(model, adapter, boundary, range(first, layers[-1] + 1), visit, source=sm)
     ctx.count(len(boundary.hidden))
-    return all_stats
+    return all_stats, scores
+
+
+def _pack(sm: StreamedModel, hidden, stats, scores) -> tuple[dict, dict]:
+    tensors = {f"hidden.{j}": h for j, h in enumerate(hidden)}
+    counts = {}
+    for lin, st in stats.items():
+        name = sm.module_name(lin)
+        tensors[f"stats.{name}.sum_sq"], tensors[f"stats.{name}.sum"] = st.sum_sq, st.sum
+        counts[name] = st.count
+    for (layer, kind), sc in scores.items():
+        tensors[f"scores.{layer}.{kind}"] = sc
+    return tensors, {"counts": counts}
+
+
+def _unpack(sm: StreamedModel, tensors: dict, meta: dict) -> tuple[dict, dict]:
+    modules = dict(sm.model.named_modules())
+    stats = {
+        modules[name]: InputStats(tensors[f"stats.{name}.sum_sq"], tensors[f"stats.{name}.sum"], n)
+        for name, n in meta["counts"].items()
+    }
+    scores = {}
+    for key, t in tensors.items():
+        if key.startswith("scores."):
+            _, layer, kind = key.split(".")
+            scores[(int(layer), kind)] = t
+    return stats, scores
 
 
 def _write(sm: StreamedModel, cfg, keep, ctx: ScoringContext, layers: list[int]) -> None:
@@ -397,7 +448,8 @@ def run(cfg) -> dict:
     options = {k: v for k, v in asdict(cfg).items() if v is not None}
     options["spill"] = True  # taylor: block inputs on disk, so memory does not grow with depth
     with meter.phase("score"):
-        scores, ctx = _score(sm, cfg, groups, tokens, options)
+        resume = ResumeState(cfg.out, asdict(cfg), cfg.resume)
+        scores, ctx = _score(sm, cfg, groups, tokens, options, resume)
     with meter.phase("prune"):
         keep = allocate(groups, scores, cfg, options)
     with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
@@ -428,4 +480,5 @@ def run(cfg) -> dict:
         for phase in ("score", "save"):
             report["streamed"][f"{phase}_s_per_block"] = report["time_s"][phase] / n_blocks
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    resume.clear()
     return report

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -146,3 +149,49 @@ def test_embedded_gguf_streams_through_a_safetensors_cache(tmp_path, monkeypatch
     assert got.keys() == ref.keys()
     for name, t in ref.items():
         torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=name)
+
+
+KILL_AT_BLOCK_2 = """
+import os, signal, sys
+from minillm import streaming
+from minillm.prune import main
+
+load = streaming.StreamedModel.load
+
+def load_or_die(self, part):
+    if part == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    load(self, part)
+
+streaming.StreamedModel.load = load_or_die
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "bloom"])
+def test_killed_run_resumes_to_the_same_model(
+    sharded_model_dir, calib_file, tmp_path, monkeypatch, capsys
+):
+    assert _prune(sharded_model_dir, calib_file, tmp_path / "whole", "flap", "--compensate") == 0
+    out = tmp_path / "resumed"
+    args = ["--model", sharded_model_dir, "--criterion", "flap", "--calib", calib_file]
+    args += ["--nsamples", "6", "--seqlen", "16", "--batch-size", "4", "--ratio", "0.3"]
+    args += ["--layers", "0-2", "--out", out, "--quiet", "--compensate", "--offload"]
+    args = [str(a) for a in args]
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_BLOCK_2, *args], cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists()  # nothing that looks finished
+    assert main([*args, "--resume", "--ratio", "0.4"]) == 2  # not the killed run's command
+    assert "--resume: the run in" in capsys.readouterr().err
+    loads = []
+    load = streaming.StreamedModel.load
+    monkeypatch.setattr(
+        streaming.StreamedModel, "load", lambda self, part: loads.append(part) or load(self, part)
+    )
+    assert main([*args, "--resume"]) == 0
+    assert loads.count(0) == 1 and loads.count(2) == 2  # blocks 0-1 were scored before the kill
+    ref, got = shards.load_sharded(tmp_path / "whole"), shards.load_sharded(out)
+    assert got.keys() == ref.keys()
+    for name, t in ref.items():
+        torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=name)
+    assert not (tmp_path / ".resumed.resume").exists()
