@@ -38,6 +38,7 @@ import ctypes
 import json
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from minillm import shards
+from minillm import distributed, shards
 from minillm.activations import InputStats, collected_stats
 from minillm.adapters import adapter_for
 from minillm.block_loop import capture, resident, run_block, sweep
@@ -355,6 +356,7 @@ def _stream_stats(
             )
             with collected_stats(linears) as stats:
                 out = run_block(block, boundary)
+            distributed.all_reduce_stats(stats)
             all_stats.update(stats)
             if score is not None:
                 scores.update(score(replace(ctx, groups=block_groups, cache={"stats": stats})))
@@ -427,6 +429,12 @@ def run(cfg) -> dict:
     from minillm.prune import allocate, count_params, library_versions, parse_layers
 
     _validate(cfg)
+    rank, world = distributed.setup(cfg.device)
+    if world > 1 and (cfg.criterion == "taylor" or cfg.reconstruct or cfg.resume):
+        raise ValueError(
+            "torchrun: only statistics are reduced across ranks; run taylor, "
+            "--reconstruct and --resume in one process"
+        )
     meter = PhaseMeter(cfg.device)
     with meter.phase("load"):
         path = cfg.model
@@ -443,20 +451,25 @@ def run(cfg) -> dict:
         tokens = torch.empty(0, cfg.seqlen, dtype=torch.long)
         if cfg.compensate or cfg.reconstruct or cfg.criterion not in ("random", "magnitude"):
             tokens = calibration_batches(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+            tokens = distributed.my_rows(tokens, rank, world)
     params_before = count_params(model)
     groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in _kinds(cfg)]
     options = {k: v for k, v in asdict(cfg).items() if v is not None}
     options["spill"] = True  # taylor: block inputs on disk, so memory does not grow with depth
     with meter.phase("score"):
-        resume = ResumeState(cfg.out, asdict(cfg), cfg.resume)
+        resume = ResumeState(cfg.out, asdict(cfg), cfg.resume) if world == 1 else None
         scores, ctx = _score(sm, cfg, groups, tokens, options, resume)
     with meter.phase("prune"):
         keep = allocate(groups, scores, cfg, options)
-    with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+    output = atomic_output_dir(cfg.out, cfg.overwrite) if rank == 0 else nullcontext()
+    with output as tmp:  # only rank 0 writes; the others prune their skeleton for the report
         with meter.phase("save"):
-            with shards.ShardWriter(tmp, shards.DEFAULT_SHARD_BYTES) as sm.writer:
+            if tmp is None:
                 _write(sm, cfg, keep, ctx, layers)
-            save_pruned(model, tokenizer, tmp, write_weights=False)
+            else:
+                with shards.ShardWriter(tmp, shards.DEFAULT_SHARD_BYTES) as sm.writer:
+                    _write(sm, cfg, keep, ctx, layers)
+                save_pruned(model, tokenizer, tmp, write_weights=False)
         report = {
             "model": cfg.model or "SmolLM2-135M-Instruct (embedded GGUF)",
             "architecture": adapter.name,
@@ -474,11 +487,13 @@ def run(cfg) -> dict:
             "seed": cfg.seed,
             "config": asdict(cfg),
             "versions": library_versions(),
-            "streamed": {"checkpoint": str(path)},
+            "streamed": {"checkpoint": str(path), "world_size": world},
             **meter.summary(),
         }
         for phase in ("score", "save"):
             report["streamed"][f"{phase}_s_per_block"] = report["time_s"][phase] / n_blocks
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    resume.clear()
+        if tmp is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if resume is not None:
+        resume.clear()
     return report

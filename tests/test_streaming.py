@@ -195,3 +195,21 @@ def test_killed_run_resumes_to_the_same_model(
     for name, t in ref.items():
         torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=name)
     assert not (tmp_path / ".resumed.resume").exists()
+
+
+@pytest.mark.parametrize("family", ["opt"])
+def test_two_torchrun_processes_give_one_process_model(sharded_model_dir, calib_file, tmp_path):
+    assert _prune(sharded_model_dir, calib_file, tmp_path / "one", "flap", "--compensate") == 0
+    args = ["--model", sharded_model_dir, "--criterion", "flap", "--calib", calib_file]
+    args += ["--nsamples", "6", "--seqlen", "16", "--batch-size", "2", "--ratio", "0.3"]
+    args += ["--layers", "0-2", "--out", tmp_path / "two", "--quiet", "--compensate", "--offload"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    subprocess.run([*launch, "-m", "minillm.prune", *map(str, args)], check=True, cwd=tmp_path)
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["streamed"]["world_size"] == 2 and two["calibration_tokens"] == 3 * 16
+    assert two["layers"] == one["layers"]
+    ref, got = shards.load_sharded(tmp_path / "one"), shards.load_sharded(tmp_path / "two")
+    assert got.keys() == ref.keys()
+    for name, t in ref.items():  # compensated biases: sums over ranks in another order
+        torch.testing.assert_close(got[name], t, rtol=1e-5, atol=1e-6, msg=name)
