@@ -62,9 +62,13 @@ def write_random_model(path: Path, tokenizer: str, shard_bytes: int, seed: int) 
     return {"params": numel, "float32_bytes": 4 * numel, "shards": len(writer.paths)}
 
 
-def prune(model: Path, out: Path, args, offload: bool) -> dict:
-    """One ``python -m minillm.prune`` process; its report plus ru_maxrss and wall time."""
-    cmd = [sys.executable, "-m", "minillm.prune", "--model", str(model), "--out", str(out)]
+def prune(model: Path, out: Path, args, offload: bool, ranks: int = 1) -> dict:
+    """One ``python -m minillm.prune`` run (``ranks`` > 1: under torchrun); its report plus
+    ru_maxrss (the largest of the launcher's processes: one rank's peak) and wall time."""
+    launch = [sys.executable]
+    if ranks > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    cmd = [*launch, "-m", "minillm.prune", "--model", str(model), "--out", str(out)]
     cmd += ["--criterion", args.criterion, "--calib", args.calib, "--ratio", "0.2", "--quiet"]
     cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     cmd += ["--batch-size", str(args.batch_size), "--overwrite"]
@@ -79,6 +83,7 @@ def prune(model: Path, out: Path, args, offload: bool) -> dict:
     n_blocks = len(report["layers"])
     row = {
         "offload": offload,
+        "ranks": ranks,
         "wall_s": wall,
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "phase_peak_bytes": report["peak_memory_bytes"],
@@ -103,6 +108,8 @@ def main() -> None:
     p.add_argument("--shard-bytes", type=int, default=10**9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the model and outputs")
+    p.add_argument("--ranks", type=int, default=1, help="> 1: also stream under torchrun")
+    p.add_argument("--skip-in-memory", action="store_true")
     args = p.parse_args()
     model = args.work_dir / "model"
     if not (model / "config.json").is_file():
@@ -113,10 +120,12 @@ def main() -> None:
     else:
         size = {"cached": str(model)}
     print(json.dumps(size), file=sys.stderr, flush=True)
+    runs = [(True, 1)] + ([] if args.skip_in_memory else [(False, 1)])
+    runs += [(True, args.ranks)] if args.ranks > 1 else []
     rows = []
-    for offload in (True, False):
-        out = args.work_dir / ("streamed" if offload else "in-memory")
-        rows.append(prune(model, out, args, offload))
+    for offload, ranks in runs:
+        out = args.work_dir / (f"streamed-{ranks}" if offload else "in-memory")
+        rows.append(prune(model, out, args, offload, ranks))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if not args.keep:
             shutil.rmtree(out)
@@ -128,9 +137,11 @@ def main() -> None:
         "criterion": args.criterion,
         "calibration": f"{args.nsamples} x {args.seqlen} tokens",
         "runs": rows,
-        "streamed_peak_fraction_of_float32": rows[0]["peak_rss_bytes"] / f32,
-        "in_memory_peak_fraction_of_float32": rows[1]["peak_rss_bytes"] / f32,
-        "same_params_after": rows[0]["params_after"] == rows[1]["params_after"],
+        "peak_fraction_of_float32": {
+            f"{'streamed' if r['offload'] else 'in-memory'}-{r['ranks']}": r["peak_rss_bytes"] / f32
+            for r in rows
+        },
+        "same_params_after": len({r["params_after"] for r in rows}) == 1,
         "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(result, indent=2))

@@ -264,6 +264,7 @@ def cached_gguf(model: str | None, gguf_file: str | None) -> Path:
     if not (path / "config.json").is_file():
         log.info("converting the GGUF model once to safetensors in %s", path)
         net, tokenizer = load_model(model, gguf_file, "float32", "cpu")
+        net.hf_quantizer = None  # de-quantized to float32 already: save as plain weights
         with atomic_output_dir(path, overwrite=True) as tmp:
             net.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
