@@ -411,6 +411,7 @@ def _write(sm: StreamedModel, cfg, keep, ctx: ScoringContext, layers: list[int])
             cfg.gqa,
             cfg.batch_size,
             cfg.ridge,
+            select=cfg.select == "refit",
             source=sm,
         )
     else:

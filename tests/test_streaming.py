@@ -43,6 +43,7 @@ def _prune(model_dir, calib_file, out, criterion, *extra) -> int:
         ("flap", ("--compensate",)),
         ("taylor", ()),
         ("wanda-sp", ("--reconstruct",)),
+        ("wanda-sp", ("--reconstruct", "--select", "refit")),
     ],
 )
 def test_streamed_pruning_equals_in_memory(
