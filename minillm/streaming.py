@@ -97,7 +97,11 @@ class StreamedModel:
         self.path = Path(path)
         self.dtype, self.device = parse_dtype(dtype), torch.device(device)
         self.files = shards.weight_map(self.path)
-        self.model = _skeleton(AutoConfig.from_pretrained(self.path), self.dtype, self.device)
+        try:
+            config = AutoConfig.from_pretrained(self.path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--model: '{path}': {str(err).splitlines()[0]}") from None
+        self.model = _skeleton(config, self.dtype, self.device)
         self.adapter = adapter_for(self.model)
         self._module_name = {m: n for n, m in self.model.named_modules()}
         self._entries = self._partition()
@@ -114,7 +118,6 @@ class StreamedModel:
         blocks = self.adapter.layers(self.model)
         part_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
         head = [self.adapter.final_norm(self.model), self.model.get_output_embeddings()]
-        head_ids = {id(p) for m in head for p in m.parameters()}
         aliases: dict[int, list[str]] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(p), []).append(name)
@@ -127,7 +130,7 @@ class StreamedModel:
                     continue
                 if id(p) in part_of:
                     part = part_of[id(p)]
-                elif module in head_modules and id(p) in head_ids:
+                elif module in head_modules:
                     part = "head"
                 else:
                     part = "embed"
