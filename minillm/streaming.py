@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -222,15 +223,8 @@ def weights_bytes(path: str | os.PathLike, dtype: str) -> int | None:
     numel = 0
     for file in dict.fromkeys(files.values()):
         with shards.open_checked(file) as f:
-            numel += sum(_numel(f.get_slice(n).get_shape()) for n in f.keys())
+            numel += sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
     return numel * parse_dtype(dtype).itemsize
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def available_bytes(device: str) -> int:
