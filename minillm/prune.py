@@ -69,6 +69,8 @@ class PruneConfig:
     out: str
     overwrite: bool
     quiet: bool
+    offload: bool = False
+    resume: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no logs or progress bars")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="stream one decoder block at a time from the checkpoint (automatic when the "
+        "weights exceed half the free memory; see minillm/streaming.py)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="streamed runs: continue a killed run of the same command from its checkpoint",
+    )
     return p
 
 
@@ -245,6 +258,10 @@ def library_versions() -> dict[str, str]:
 def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
     validate(cfg)
+    from minillm import streaming
+
+    if streaming.should_stream(cfg):
+        return streaming.run(cfg)
     meter = PhaseMeter(cfg.device)
     # transformers' GGUF de-quantization bar cannot be switched off: swallow it under --quiet
     silence = contextlib.redirect_stderr(io.StringIO()) if cfg.quiet else contextlib.nullcontext()
