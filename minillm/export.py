@@ -129,10 +129,16 @@ def check_exportable(model: PreTrainedModel) -> list[dict]:
     return sizes
 
 
+def rope_theta(config) -> float:
+    """RoPE base: ``rope_parameters`` (transformers >= 5) or ``rope_theta`` (4.x)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
 def rope_factors(model: PreTrainedModel, head_dim: int) -> torch.Tensor | None:
     """llama.cpp's ``rope_freqs`` ([head_dim / 2]: each frequency is divided by its factor),
     or None when the model uses plain RoPE."""
-    theta = model.config.rope_parameters["rope_theta"]
+    theta = rope_theta(model.config)
     plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     factors = plain / model.model.rotary_emb.inv_freq.double().cpu()
     return None if torch.allclose(factors, torch.ones_like(factors)) else factors.float()
@@ -224,7 +230,7 @@ def add_hparams(writer: gguf.GGUFWriter, model: PreTrainedModel, sizes: list[dic
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
 
