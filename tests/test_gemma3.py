@@ -99,6 +99,47 @@ def test_three_heads_need_load_pruned(tmp_path):
     assert save_pruned(model, None, tmp_path)["model_type"] == PRUNED_MODEL_TYPE
 
 
+def test_block_loop_refuses_gemma3_rather_than_replaying_block0_masks(ids):
+    """Layer 1 is global: replaying layer 0's sliding-window mask there would be wrong."""
+    from minillm.block_loop import capture
+
+    model = make_tiny_model("gemma3")
+    with pytest.raises(ValueError, match="gemma3: .*per-layer attention masks"):
+        capture(model, adapter_for(model), ids, batch_size=2)
+
+
+@pytest.mark.parametrize("family", ["gemma3"])
+@pytest.mark.parametrize("criterion", ["wanda-sp", "flap", "fms"])
+def test_cli_prunes_gemma3_from_a_calibration_file(
+    tiny_model_dir, calib_file, tmp_path, criterion, ids
+):
+    from minillm.prune import main
+
+    out = tmp_path / "pruned"
+    args = ["--model", tiny_model_dir, "--criterion", criterion, "--calib", calib_file]
+    args += ["--nsamples", "4", "--seqlen", "16", "--layers", "0-2", "--ratio", "0.3"]
+    args += ["--out", out, "--quiet"] + (["--compensate"] if criterion == "flap" else [])
+    assert main([str(a) for a in args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_after"] < report["params_before"]
+    reloaded = load_pruned(out)
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
+
+
+@pytest.mark.parametrize("family", ["gemma3"])
+def test_cli_refuses_exact_gradients_on_gemma3_in_one_line(
+    tiny_model_dir, calib_file, tmp_path, capsys
+):
+    from minillm.prune import main
+
+    args = ["--model", tiny_model_dir, "--criterion", "taylor", "--calib", calib_file]
+    args += ["--nsamples", "4", "--seqlen", "16", "--out", tmp_path / "p", "--quiet"]
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "block loop" in err
+    assert not (tmp_path / "p").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec(GEMMA_PACKAGE) is None,

@@ -12,6 +12,9 @@ What stays intact when heads are removed:
 * RoPE is per head (local and global bases alike);
 * sliding-window vs full attention is a per-layer property (``config.layer_types``), the
   attention scale comes from ``query_pre_attn_scalar``: neither depends on the head count.
+
+Not yet supported: the block loop (``--reconstruct``, exact block-by-block gradients), which
+replays block 0's mask and RoPE for every block while Gemma 3's global layers need their own.
 """
 
 from __future__ import annotations
@@ -22,3 +25,4 @@ from minillm.adapters.llama import LlamaAdapter
 class Gemma3Adapter(LlamaAdapter):
     name = "gemma3"
     model_types = ("gemma3_text",)
+    per_layer_block_kwargs = True
