@@ -58,7 +58,9 @@ class PruneConfig:
     dist: str
     batch_size: int
     compensate: bool
+    spill: bool
     reconstruct: bool
+    select: str
     ridge: float
     rank_together: bool
     device: str
@@ -125,11 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, help="SPSA perturbation size (default per variant)")
     p.add_argument("--dist", choices=["rademacher", "gaussian"], default="rademacher")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per scoring forward")
+    p.add_argument(
+        "--spill",
+        action="store_true",
+        help="exact gradients: keep each block's inputs in a temporary directory, not in memory",
+    )
     p.add_argument("--compensate", action="store_true", help="fold removed means into biases")
     p.add_argument(
         "--reconstruct",
         action="store_true",
         help="refit the consumers of removed units by least squares, layer by layer (bottom-up)",
+    )
+    p.add_argument(
+        "--select",
+        choices=["scores", "refit"],
+        default="scores",
+        help="--reconstruct: which units each layer loses: the criterion's lowest scores, or "
+        "those whose removal the refit recovers best (greedy OBS on the layer's Gram)",
     )
     p.add_argument(
         "--ridge", type=float, default=1e-4, help="--reconstruct: ridge, x mean Gram diagonal"
@@ -256,7 +270,15 @@ def run(cfg: PruneConfig) -> dict:
         keep = allocate(groups, scores, cfg, options)
         if cfg.reconstruct:
             prune_sequential(
-                model, adapter, batches, keep, layers, cfg.gqa, cfg.batch_size, cfg.ridge
+                model,
+                adapter,
+                batches,
+                keep,
+                layers,
+                cfg.gqa,
+                cfg.batch_size,
+                cfg.ridge,
+                select=cfg.select == "refit",
             )
         else:
             if cfg.compensate:
