@@ -91,6 +91,12 @@ def capture(
     Runs the model's embedding stage and stops at the first block (a pre-hook raises after
     recording its arguments), so no block and no logits are computed.
     """
+    if adapter.per_layer_block_kwargs:
+        raise ValueError(
+            f"{adapter.name}: its layers take per-layer attention masks and RoPE, which the "
+            "block loop (--reconstruct, exact gradients) does not replay yet; use a forward-only "
+            "criterion"
+        )
     first = adapter.layers(model)[0]
     seen: dict = {}
 
