@@ -71,7 +71,9 @@ def main() -> int:
         dense, pruned = out["models"][args.dense], out["models"][args.pruned]
         for row in out["models"].values():
             row["gap_closed"] = {
-                k: (pruned[k] - row[k]) / (pruned[k] - dense[k]) for k in ids if pruned[k] != dense[k]
+                k: (pruned[k] - row[k]) / (pruned[k] - dense[k])
+                for k in ids
+                if pruned[k] != dense[k]
             }
     json.dump(out, sys.stdout, indent=2)
     print()

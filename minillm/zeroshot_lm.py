@@ -55,9 +55,7 @@ class SharedPrefixLM(HFLM):
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
         results: list = [None] * len(requests)
-        bar = tqdm(
-            total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests"
-        )
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
         for rows in groups.values():
             scored = self._score_group([requests[i] for i in rows])
             for i, answer in zip(rows, scored, strict=True):

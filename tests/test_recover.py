@@ -197,7 +197,9 @@ def test_default_distills_from_the_dense_model_recorded_in_the_report(dense_and_
     assert rec["teacher"] == str(dense)
     assert rec["tokens_trained"] == 2 * 2 * 16
     # pure distillation by default: the loss is the KL, not the CE
-    assert all(c["loss"] == pytest.approx(c["kl"]) and c["kl"] != c["ce"] for c in rec["loss_curve"])
+    assert all(
+        c["loss"] == pytest.approx(c["kl"]) and c["kl"] != c["ce"] for c in rec["loss_curve"]
+    )
     # the training text is the teacher's: seeded sampling from the dense model reproduces it
     from minillm.data import self_generated
 

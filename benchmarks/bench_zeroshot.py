@@ -1,0 +1,131 @@
+"""Zero-shot throughput: the shared-prefix lm-eval model (``minillm``) vs lm-eval's HFLM.
+
+Both score the same rows (the first ``--limit`` of each task in ``--task-data-dir``) on the same
+in-memory model, task by task and side by side (HFLM first, then ``minillm``, per task), through
+``minillm.zeroshot.run_tasks``. Reported per task and in total: log-likelihood requests, seconds
+inside the model class (``loglikelihood``) and for the whole lm-eval run, requests/s, the
+speed-up, accuracies, how many examples pick the same choice (``acc`` and ``acc_norm`` per
+example) and the largest per-request log-likelihood difference. One JSON object on stdout.
+
+Command (see BENCHMARKS.md, "Zero-shot")::
+
+    python benchmarks/bench_zeroshot.py --task-data-dir ../shared/data/zeroshot --limit 50 \\
+        --cache-dir /tmp/smollm2-f32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from _smollm2 import load_smollm2
+
+from minillm.zeroshot import TASKS, make_lm, run_tasks
+
+
+def timed(lm) -> dict:
+    """Wrap ``lm.loglikelihood`` so that its wall time and request count accumulate."""
+    stats = {"s": 0.0, "requests": 0}
+    inner = lm.loglikelihood
+
+    def loglikelihood(requests, *args, **kwargs):
+        start = time.perf_counter()
+        out = inner(requests, *args, **kwargs)
+        stats["s"] += time.perf_counter() - start
+        stats["requests"] += len(requests)
+        return out
+
+    lm.loglikelihood = loglikelihood
+    return stats
+
+
+def run_one(model, tok, name: str, task: str, args) -> dict:
+    lm = make_lm(model, tok, name, batch_size=args.batch_size)
+    stats = timed(lm)
+    start = time.perf_counter()
+    out = run_tasks(lm, [task], args.task_data_dir, args.limit, log_samples=True)
+    total = time.perf_counter() - start
+    res = out["results"][task]
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    return {
+        "requests": stats["requests"],
+        "model_s": stats["s"],
+        "total_s": total,
+        "acc": res.get("acc,none"),
+        "acc_norm": res.get("acc_norm,none"),
+        "per_example": [(s.get("acc"), s.get("acc_norm")) for s in samples],
+        "lls": [ll for s in samples for [(ll, _)] in s["resps"]],
+        "greedy": [g for s in samples for [(_, g)] in s["resps"]],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task-data-dir", required=True)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--limit", type=int, default=50, help="rows per task")
+    p.add_argument("--batch-size", type=int, default=1, help="HFLM batch size (both classes)")
+    p.add_argument("--cache-dir", default=None, help="float32 copy of the embedded SmolLM2")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_smollm2(args.cache_dir)
+    rows, totals = {}, {"hf": [0, 0.0], "minillm": [0, 0.0]}
+    for task in args.tasks.split(","):
+        ref = run_one(model, tok, "hf", task, args)
+        got = run_one(model, tok, "minillm", task, args)
+        for name, r in (("hf", ref), ("minillm", got)):
+            totals[name][0] += r["requests"]
+            totals[name][1] += r["model_s"]
+        same = sum(a == b for a, b in zip(ref["per_example"], got["per_example"], strict=True))
+        rows[task] = {
+            "examples": len(ref["per_example"]),
+            "requests": ref["requests"],
+            "hf_model_s": ref["model_s"],
+            "minillm_model_s": got["model_s"],
+            "hf_total_s": ref["total_s"],
+            "minillm_total_s": got["total_s"],
+            "hf_requests_per_s": ref["requests"] / ref["model_s"],
+            "minillm_requests_per_s": got["requests"] / got["model_s"],
+            "speedup": ref["model_s"] / got["model_s"],
+            "hf_acc": ref["acc"],
+            "minillm_acc": got["acc"],
+            "hf_acc_norm": ref["acc_norm"],
+            "minillm_acc_norm": got["acc_norm"],
+            "same_choices": same,
+            "same_greedy": sum(a == b for a, b in zip(ref["greedy"], got["greedy"], strict=True)),
+            "max_abs_ll_diff": max(
+                abs(a - b) for a, b in zip(ref["lls"], got["lls"], strict=True)
+            ),
+        }
+        print(json.dumps({task: rows[task]}), file=sys.stderr, flush=True)
+    (n_ref, s_ref), (n_got, s_got) = totals["hf"], totals["minillm"]
+    out = {
+        "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)",
+        "device": str(next(model.parameters()).device),
+        "threads": torch.get_num_threads(),
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "tasks": rows,
+        "total": {
+            "requests": n_ref,
+            "hf_model_s": s_ref,
+            "minillm_model_s": s_got,
+            "hf_requests_per_s": n_ref / s_ref,
+            "minillm_requests_per_s": n_got / s_got,
+            "speedup": s_ref / s_got,
+            "same_choices": sum(r["same_choices"] for r in rows.values()),
+            "examples": sum(r["examples"] for r in rows.values()),
+        },
+    }
+    json.dump(out, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
