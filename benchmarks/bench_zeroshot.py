@@ -4,13 +4,14 @@ Both score the same rows (the first ``--limit`` of each task in ``--task-data-di
 in-memory model, task by task and side by side (HFLM first, then ``minillm``, per task), through
 ``minillm.zeroshot.run_tasks``. Reported per task and in total: log-likelihood requests, seconds
 inside the model class (``loglikelihood``) and for the whole lm-eval run, requests/s, the
-speed-up, accuracies, how many examples pick the same choice (``acc`` and ``acc_norm`` per
-example) and the largest per-request log-likelihood difference. One JSON object on stdout.
+speed-up (wall time, and process CPU time, which a machine shared with other jobs distorts
+less when torch runs one thread), accuracies, how many examples pick the same choice (``acc``
+and ``acc_norm`` per example) and the largest per-request log-likelihood difference. One JSON object on stdout.
 
 Command (see BENCHMARKS.md, "Zero-shot")::
 
     python benchmarks/bench_zeroshot.py --task-data-dir ../shared/data/zeroshot --limit 50 \\
-        --cache-dir /tmp/smollm2-f32
+        --cache-dir /tmp/smollm2-f32 --threads 1
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from minillm.zeroshot import TASKS, make_lm, run_tasks
 
 def timed(lm) -> dict:
     """Wrap ``lm.loglikelihood`` so that its wall time and request count accumulate."""
-    stats = {"s": 0.0, "requests": 0}
+    stats = {"s": 0.0, "cpu_s": 0.0, "requests": 0}
     inner = lm.loglikelihood
 
     def loglikelihood(requests, *args, **kwargs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = inner(requests, *args, **kwargs)
         stats["s"] += time.perf_counter() - start
+        stats["cpu_s"] += time.process_time() - cpu
         stats["requests"] += len(requests)
         return out
 
@@ -53,6 +55,7 @@ def run_one(model, tok, name: str, task: str, args) -> dict:
     return {
         "requests": stats["requests"],
         "model_s": stats["s"],
+        "model_cpu_s": stats["cpu_s"],
         "total_s": total,
         "acc": res.get("acc,none"),
         "acc_norm": res.get("acc_norm,none"),
@@ -74,19 +77,23 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_smollm2(args.cache_dir)
-    rows, totals = {}, {"hf": [0, 0.0], "minillm": [0, 0.0]}
+    rows, totals = {}, {"hf": [0, 0.0, 0.0], "minillm": [0, 0.0, 0.0]}
     for task in args.tasks.split(","):
         ref = run_one(model, tok, "hf", task, args)
         got = run_one(model, tok, "minillm", task, args)
         for name, r in (("hf", ref), ("minillm", got)):
             totals[name][0] += r["requests"]
             totals[name][1] += r["model_s"]
+            totals[name][2] += r["model_cpu_s"]
         same = sum(a == b for a, b in zip(ref["per_example"], got["per_example"], strict=True))
         rows[task] = {
             "examples": len(ref["per_example"]),
             "requests": ref["requests"],
             "hf_model_s": ref["model_s"],
             "minillm_model_s": got["model_s"],
+            "hf_model_cpu_s": ref["model_cpu_s"],
+            "minillm_model_cpu_s": got["model_cpu_s"],
+            "speedup_cpu": ref["model_cpu_s"] / got["model_cpu_s"],
             "hf_total_s": ref["total_s"],
             "minillm_total_s": got["total_s"],
             "hf_requests_per_s": ref["requests"] / ref["model_s"],
@@ -98,12 +105,10 @@ def main() -> int:
             "minillm_acc_norm": got["acc_norm"],
             "same_choices": same,
             "same_greedy": sum(a == b for a, b in zip(ref["greedy"], got["greedy"], strict=True)),
-            "max_abs_ll_diff": max(
-                abs(a - b) for a, b in zip(ref["lls"], got["lls"], strict=True)
-            ),
+            "max_abs_ll_diff": max(abs(a - b) for a, b in zip(ref["lls"], got["lls"], strict=True)),
         }
         print(json.dumps({task: rows[task]}), file=sys.stderr, flush=True)
-    (n_ref, s_ref), (n_got, s_got) = totals["hf"], totals["minillm"]
+    (n_ref, s_ref, c_ref), (n_got, s_got, c_got) = totals["hf"], totals["minillm"]
     out = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)",
         "device": str(next(model.parameters()).device),
@@ -118,6 +123,9 @@ def main() -> int:
             "hf_requests_per_s": n_ref / s_ref,
             "minillm_requests_per_s": n_got / s_got,
             "speedup": s_ref / s_got,
+            "hf_model_cpu_s": c_ref,
+            "minillm_model_cpu_s": c_got,
+            "speedup_cpu": c_ref / c_got,
             "same_choices": sum(r["same_choices"] for r in rows.values()),
             "examples": sum(r["examples"] for r in rows.values()),
         },

@@ -534,7 +534,7 @@ def run(cfg: RecoverConfig, teacher_gguf_file: str | None = None) -> dict:
 
     validate(cfg)
     torch.manual_seed(cfg.seed)
-    start_time = time.perf_counter()
+    start_time, start_cpu = time.perf_counter(), time.process_time()
     model, tokenizer = load_model(cfg.model, cfg.gguf_file, "float32", cfg.device)
     teacher, teacher_name = load_teacher(cfg, teacher_gguf_file, model.config.vocab_size)
     work = Path(cfg.work_dir) if cfg.work_dir else Path(f"{cfg.out.rstrip(os.sep)}.work")
@@ -559,6 +559,7 @@ def run(cfg: RecoverConfig, teacher_gguf_file: str | None = None) -> dict:
         "final_loss": curve[-1]["loss"] if curve else None,
         "loss_curve": curve,
         "time_s": time.perf_counter() - start_time,
+        "cpu_time_s": time.process_time() - start_cpu,  # all threads of this process
     }
     with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         save_pruned(merged, tokenizer, tmp)
