@@ -6,7 +6,8 @@ in-memory model, task by task and side by side (HFLM first, then ``minillm``, pe
 inside the model class (``loglikelihood``) and for the whole lm-eval run, requests/s, the
 speed-up (wall time, and process CPU time, which a machine shared with other jobs distorts
 less when torch runs one thread), accuracies, how many examples pick the same choice (``acc``
-and ``acc_norm`` per example) and the largest per-request log-likelihood difference. One JSON object on stdout.
+and ``acc_norm`` per example) and the largest per-request log-likelihood difference. One JSON
+object on stdout.
 
 Command (see BENCHMARKS.md, "Zero-shot")::
 

@@ -13,6 +13,8 @@ Registered with lm-eval as ``minillm`` (``simple_evaluate(model="minillm", ...)`
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
@@ -54,54 +56,86 @@ class SharedPrefixLM(HFLM):
         groups: dict = {}
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
+        # longest first, so that a batch of groups pads little and memory errors come early
+        order = sorted(groups.values(), key=lambda g: -max(len(requests[i][1]) for i in g))
+        per_batch = override_bs or self.batch_size_per_gpu
+        per_batch = per_batch if isinstance(per_batch, int) else 1
         results: list = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
-        for rows in groups.values():
-            scored = self._score_group([requests[i] for i in rows])
-            for i, answer in zip(rows, scored, strict=True):
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood requests")
+        for start in range(0, len(order), per_batch):
+            batch = order[start : start + per_batch]
+            scored = self._score_groups([[requests[i] for i in g] for g in batch])
+            for i, answer in zip([i for g in batch for i in g], scored, strict=True):
                 results[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            bar.update(len(rows))
+            bar.update(sum(len(g) for g in batch))
         bar.close()
         return results
 
     @torch.no_grad()
-    def _score_group(self, group: list[Request]) -> list[tuple[float, bool]]:
-        """(sum log p(continuation), continuation is greedy) of each request of one group."""
+    def _score_groups(self, groups: list[list[Request]]) -> list[tuple[float, bool]]:
+        """(sum log p(continuation), continuation is greedy) of every request, group by group.
+
+        Each group's shared prefix runs once (right-padded batch ``[G, P]``); its cache rows
+        are repeated for the group's requests, whose remaining tokens run as one right-padded
+        batch ``[R, S]`` with the padding between prefix and rest masked out.
+        """
+        device = self.device
         # exactly HFLM's input: (context + continuation), left-truncated to max_length + 1,
         # minus the last token; the continuation is scored on the last len(cont) logits
-        inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in group]
-        conts = [cont for _, _, cont in group]
-        shared = min(common_prefix_len(inputs), min(len(x) for x in inputs) - 1)
-        first_scored = min(len(x) - len(c) for x, c in zip(inputs, conts, strict=True))
-        model, device = self.model, self.device
-        prefix_logits, cache = None, None
-        if shared > 0:
-            keep = max(1, shared - first_scored)  # prefix positions that score a token
-            out = model(
-                torch.tensor([inputs[0][:shared]], device=device),
-                use_cache=True,
-                logits_to_keep=keep,
-            )
-            prefix_logits, cache = out.logits[0], out.past_key_values
-            cache.batch_repeat_interleave(len(group))
-        width = max(len(x) for x in inputs) - shared
-        pad = self.tokenizer.pad_token_id or 0
-        rest = torch.full((len(group), width), pad, dtype=torch.long, device=device)
-        for row, x in enumerate(inputs):
-            rest[row, : len(x) - shared] = torch.tensor(x[shared:], device=device)
-        mask = torch.ones((len(group), shared + width), dtype=torch.long, device=device)
-        logits = model(rest, attention_mask=mask, cache=cache).logits
+        inputs = [[(c + x)[-(self.max_length + 1) :][:-1] for _, c, x in g] for g in groups]
+        conts = [x for g in groups for _, _, x in g]
+        shared = [min(common_prefix_len(g), min(len(x) for x in g) - 1) for g in inputs]
+        rows = [x for g in inputs for x in g]
+        owner = [k for k, g in enumerate(inputs) for _ in g]
+        width = max(shared)
+        prefix_logits, cache, first = None, None, 0
+        if width > 0:
+            # prefix positions that score a continuation token: the last `keep` of each prefix
+            lows = [len(x) - len(c) for x, c in zip(rows, conts, strict=True)]
+            keep = max(1, *(shared[owner[r]] - lo for r, lo in enumerate(lows)))
+            ids = self._padded([g[0][:n] for g, n in zip(inputs, shared, strict=True)], width)
+            ends = torch.tensor(shared, device=device)[:, None]
+            first = ends - keep  # [G, 1]: position of prefix_logits[:, 0]
+            positions = (first + torch.arange(keep, device=device)).clamp(min=0)
+            out = self.model(ids, use_cache=True, logits_to_keep=positions)
+            prefix_logits, cache = out.logits, out.past_key_values
+            cache.batch_select_indices(torch.tensor(owner, device=device))
+        starts = [shared[owner[r]] for r in range(len(rows))]
+        rest = self._padded([x[s:] for x, s in zip(rows, starts, strict=True)])
+        mask = torch.ones((len(rows), width + rest.shape[1]), dtype=torch.long, device=device)
+        for r, s in enumerate(starts):
+            mask[r, s:width] = 0
+        kwargs = {}
+        if self._takes_positions:
+            base = torch.tensor(starts, device=device)[:, None]
+            kwargs["position_ids"] = base + torch.arange(rest.shape[1], device=device)
+        logits = self.model(rest, attention_mask=mask, cache=cache, **kwargs).logits
         answers = []
-        for row, (x, cont) in enumerate(zip(inputs, conts, strict=True)):
-            lo, hi = len(x) - len(cont), len(x)  # positions whose logits score cont
+        for r, (x, cont) in enumerate(zip(rows, conts, strict=True)):
+            lo, hi, s = len(x) - len(cont), len(x), starts[r]
             parts = []
-            if lo < shared:
-                parts.append(prefix_logits[prefix_logits.shape[0] - (shared - lo) :])
-            parts.append(logits[row, max(lo, shared) - shared : hi - shared])
+            if lo < s:
+                g = owner[r]
+                offset = int(first[g]) if torch.is_tensor(first) else 0
+                parts.append(prefix_logits[g, lo - offset : s - offset])
+            parts.append(logits[r, max(lo, s) - s : hi - s])
             logp = F.log_softmax(torch.cat(parts), dim=-1, dtype=self.softmax_dtype)
             target = torch.tensor(cont, device=device)
             greedy = bool((logp.argmax(dim=-1) == target).all())
             answers.append((float(logp.gather(1, target[:, None]).sum()), greedy))
         return answers
+
+    def _padded(self, seqs: list[list[int]], width: int | None = None) -> torch.Tensor:
+        """``LongTensor[len(seqs), width]`` of ``seqs`` right-padded with the pad token."""
+        width = width or max(len(x) for x in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        out = torch.full((len(seqs), width), pad, dtype=torch.long)
+        for row, x in enumerate(seqs):
+            out[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        return out.to(self.device)
+
+    @property
+    def _takes_positions(self) -> bool:
+        return "position_ids" in inspect.signature(self.model.forward).parameters

@@ -152,12 +152,14 @@ def _requests(model, tokenizer) -> list[Instance]:
     ]
 
 
-def test_shared_prefix_loglikelihoods_equal_hflm_on_tiny_models(tiny_model, family):
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_shared_prefix_loglikelihoods_equal_hflm_on_tiny_models(tiny_model, family, batch_size):
     tokenizer = tiny_tokenizer()
     requests = _requests(tiny_model, tokenizer)
-    kwargs = dict(pretrained=tiny_model, tokenizer=tokenizer, batch_size=3, max_length=24)
-    ref = HFLM(**kwargs).loglikelihood(requests, disable_tqdm=True)
-    got = SharedPrefixLM(**kwargs).loglikelihood(requests, disable_tqdm=True)
+    kwargs = dict(pretrained=tiny_model, tokenizer=tokenizer, max_length=24)
+    ref = HFLM(**kwargs, batch_size=3).loglikelihood(requests, disable_tqdm=True)
+    lm = SharedPrefixLM(**kwargs, batch_size=batch_size)
+    got = lm.loglikelihood(requests, disable_tqdm=True)
     assert any(greedy for _, greedy in ref)  # the greedy continuation is recognised
     for (ll_ref, greedy_ref), (ll, greedy) in zip(ref, got, strict=True):
         assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4)
