@@ -49,11 +49,15 @@ def main() -> int:
     p.add_argument("--dense", help="NAME of the dense model (for the gap closed)")
     p.add_argument("--pruned", help="NAME of the pruned model (for the gap closed)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--texts", default="wikitext2_test,python_stdlib_docs", help="which texts")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    texts = {"wikitext2_test": Path(args.test).read_text(encoding="utf-8")}
-    texts["python_stdlib_docs"] = other_domain_text()
+    texts = {}
+    if "wikitext2_test" in args.texts:
+        texts["wikitext2_test"] = Path(args.test).read_text(encoding="utf-8")
+    if "python_stdlib_docs" in args.texts:
+        texts["python_stdlib_docs"] = other_domain_text()
     out = {"tokens": args.tokens, "seqlen": args.seqlen, "models": {}}
     ids = None
     for spec in args.models:
