@@ -19,19 +19,23 @@ Command (see BENCHMARKS.md)::
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import inspect
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 from _smollm2 import setup
 
+from minillm.adapters import adapter_for
 from minillm.allocation import global_ranking, uniform
 from minillm.criteria import CRITERIA, ScoringContext, compensate, global_normalization
 from minillm.memory import PhaseMeter
 from minillm.perplexity import perplexity_stats
+from minillm.reconstruct import prune_sequential
 
 OTHER_DOMAIN_MODULES = (
     "argparse collections json pathlib itertools functools subprocess logging asyncio "
@@ -62,6 +66,16 @@ CONFIGS = {
     ),
     "wanda-sp/global": ("wanda-sp", {}, "global"),
     "flap/global": ("flap", {}, "global"),
+    "flap+compensate/global": ("flap", {"compensate": True}, "global"),
+    "flap/together": ("flap", {}, "together"),
+    "taylor/global": ("taylor", {}, "global"),
+    "taylor/together": ("taylor", {}, "together"),
+    "fms-weight-backprop/global": (
+        "fms",
+        {"fms_variant": "weight", "gradients": "backprop"},
+        "global",
+    ),
+    "fms-weight-spsa/global": ("fms", {"fms_variant": "weight"}, "global"),
 }
 
 
@@ -136,6 +150,12 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
+        "--reconstruct",
+        default="off",
+        help="comma list of off (mask), on (refit), select (choose units on the Gram and refit)",
+    )
+    p.add_argument("--ridge", type=float, default=1e-4, help="--reconstruct: relative ridge")
+    p.add_argument(
         "--score-only",
         action="store_true",
         help="no perplexity: one row per config with the scoring time and memory (run one "
@@ -153,10 +173,10 @@ def main() -> None:
     }
     ids = {k: tok(v, return_tensors="pt").input_ids.reshape(-1) for k, v in texts.items()}
 
-    def ppl():
+    def ppl(net=model):
         out = {}
         for k, v in ids.items():
-            r = perplexity_stats(model, v, args.eval_seqlen, args.eval_tokens)
+            r = perplexity_stats(net, v, args.eval_seqlen, args.eval_tokens)
             out[k] = round(r.ppl, 3)
         return out
 
@@ -206,26 +226,52 @@ def main() -> None:
                 keep = uniform(groups, scores, ratio)
             else:
                 keep = global_ranking(
-                    groups, scores, ratio, normalize=global_normalization(criterion, options)
+                    groups,
+                    scores,
+                    ratio,
+                    normalize=global_normalization(criterion, options),
+                    together=alloc == "together",
                 )
-            undo = masked(groups, keep, ctx, options)
-            row = {
-                "config": name,
-                "criterion": criterion,
-                "options": options,
-                "allocation": alloc,
-                "ratio": ratio,
-                "params_after": n_params - params_removed(groups, keep),
-                "ppl": ppl(),
-                "score_wall_s": round(meter.time_s["score"], 2),
-                "score_peak_rss_bytes": meter.peak_memory_bytes["score"],
-                "score_peak_over_start_bytes": meter.peak_memory_bytes["score"] - rss0,
-                "forward_passes": ctx.forward_passes,
-                "tokens_forwarded": ctx.tokens_forwarded,
-            }
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            undo()
-            out["results"].append(row)
+            for recon in args.reconstruct.split(","):
+                if recon in ("on", "select"):
+                    pruned = copy.deepcopy(model)
+                    t0 = time.perf_counter()
+                    layers = sorted({g.layer for g in groups})
+                    prune_sequential(
+                        pruned,
+                        adapter_for(pruned),
+                        calib,
+                        keep,
+                        layers,
+                        ridge=args.ridge,
+                        select=recon == "select",
+                    )
+                    recon_s = time.perf_counter() - t0
+                    result, params_after = ppl(pruned), sum(p.numel() for p in pruned.parameters())
+                    del pruned
+                else:
+                    undo = masked(groups, keep, ctx, options)
+                    result, params_after = ppl(), n_params - params_removed(groups, keep)
+                    recon_s = 0.0
+                    undo()
+                row = {
+                    "config": name + {"off": "", "on": "+reconstruct", "select": "+select"}[recon],
+                    "criterion": criterion,
+                    "options": options,
+                    "allocation": alloc,
+                    "reconstruct": recon,
+                    "ratio": ratio,
+                    "params_after": params_after,
+                    "ppl": result,
+                    "score_wall_s": round(meter.time_s["score"], 2),
+                    "reconstruct_wall_s": round(recon_s, 2),
+                    "score_peak_rss_bytes": meter.peak_memory_bytes["score"],
+                    "score_peak_over_start_bytes": meter.peak_memory_bytes["score"] - rss0,
+                    "forward_passes": ctx.forward_passes,
+                    "tokens_forwarded": ctx.tokens_forwarded,
+                }
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                out["results"].append(row)
     json.dump(out, sys.stdout, indent=1)
 
 

@@ -68,7 +68,7 @@ def main() -> None:
     linears = list(dict.fromkeys(b.linear for g in groups for b in g.producers + g.consumers))
     t0 = time.perf_counter()
     stats, _ = collect_input_stats(model, linears, calib, 2 * bs)
-    grads, bp_passes = exact.weight_gradients(model, linears, calib, bs)
+    grads, bp_passes, _ = exact.weight_gradients(model, linears, calib, bs)
     taylor, fms_bp = [], []
     for g in groups:
         taylor.append(

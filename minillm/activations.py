@@ -7,7 +7,8 @@ tokens never exist at once: :func:`chunked_lm_loss` applies the output embedding
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,26 +52,37 @@ def _batches(tokens: torch.Tensor, batch_size: int):
         yield tokens[i : i + batch_size]
 
 
+@contextmanager
+def collected_stats(linears: Sequence[nn.Linear]) -> Iterator[dict[nn.Linear, InputStats]]:
+    """Statistics of the inputs of ``linears`` over every forward run inside the context.
+
+    Yields a dict that is filled with ``{linear: InputStats}`` when the context exits; the
+    statistics are reduced by the fused linear of :mod:`minillm.kernels` on the same read of each
+    input as its matrix product (forward only).
+    """
+    unique = list(dict.fromkeys(linears))
+    stats: dict[nn.Linear, InputStats] = {}
+    with fused_input_stats(list(enumerate(unique))) as fused:
+        yield stats
+    for tid, lin in enumerate(unique):
+        if tid in fused:
+            f = fused[tid]
+            stats[lin] = InputStats(f.sum_sq.double(), f.sum.double(), f.count)
+
+
 @torch.no_grad()
 def collect_input_stats(
     model: nn.Module, linears: Sequence[nn.Linear], tokens: torch.Tensor, batch_size: int = 8
 ) -> tuple[dict[nn.Linear, InputStats], int]:
     """Run ``tokens`` ``[n, seqlen]`` through the decoder; statistics of every linear's input.
 
-    The statistics are reduced by the fused linear of :mod:`minillm.kernels` on the same read
-    of each input as its matrix product. Returns ``({linear: InputStats}, forward_passes)``.
-    The logits are never computed.
+    Returns ``({linear: InputStats}, forward_passes)``. The logits are never computed.
     """
-    unique = list(dict.fromkeys(linears))
     passes = 0
-    with fused_input_stats(list(enumerate(unique))) as fused:
+    with collected_stats(linears) as stats:
         for batch in _batches(tokens, batch_size):
             model.base_model(input_ids=batch.to(model.device), use_cache=False)
             passes += 1
-    stats = {
-        lin: InputStats(fused[tid].sum_sq.double(), fused[tid].sum.double(), fused[tid].count)
-        for tid, lin in enumerate(unique)
-    }
     return stats, passes
 
 

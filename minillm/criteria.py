@@ -61,6 +61,7 @@ DEFAULT_OPTIONS = {
     "eps": None,  # None: 1e-2 (relative, multipliers) or 1e-3 (weight units, per weight)
     "dist": "rademacher",  # or "gaussian"
     "spsa_sharing": None,  # None: "sequence" (multipliers) or "global" (per weight)
+    "spill": False,  # exact gradients: keep block inputs on disk instead of in memory
 }
 
 
@@ -165,18 +166,41 @@ def flap(ctx: ScoringContext) -> Scores:
     }
 
 
-def taylor(ctx: ScoringContext) -> Scores:
-    """First-order Taylor by backprop: ``sum_{(i,j) in u} |W_ij * G_ij|``."""
-    grads, passes = exact.weight_gradients(
-        ctx.model, _linears(ctx.groups), ctx.batches, max(1, ctx.option("batch_size") // 2)
+def _exact_sums(ctx: ScoringContext, per_weight) -> dict:
+    """Row and column sums of ``per_weight(W, G, stats)`` ``[out, in]`` for every linear, with
+    ``G`` exact and block by block (:func:`minillm.gradients.weight_gradients`)."""
+
+    def reduce(lin, grad, stats):
+        s = per_weight(lin.weight.detach().float(), grad, stats)
+        return s.sum(1), s.sum(0)
+
+    sums, passes, stats = exact.weight_gradients(
+        ctx.model,
+        _linears(ctx.groups),
+        ctx.batches,
+        max(1, ctx.option("batch_size") // 2),
+        reduce=reduce,
+        spill=ctx.option("spill"),
     )
     ctx.count(passes)
+    ctx.cache.setdefault("stats", stats)
+    return sums
+
+
+def _scores_from_sums(groups: list[Group], sums: dict) -> Scores:
+    """Unit scores from per-linear ``(row sums [out], column sums [in])``."""
     return {
-        (g.layer, g.kind): _group_sum(
-            g, lambda b: (b.linear.weight.detach() * grads[b.linear]).abs()
+        (g.layer, g.kind): sum(
+            sums[b.linear][b.dim].view(-1, b.size).sum(1) for b in g.producers + g.consumers
         )
-        for g in ctx.groups
+        for g in groups
     }
+
+
+def taylor(ctx: ScoringContext) -> Scores:
+    """First-order Taylor by backprop: ``sum_{(i,j) in u} |W_ij * G_ij|``."""
+    sums = _exact_sums(ctx, lambda w, g, st: (w * g).abs())
+    return _scores_from_sums(ctx.groups, sums)
 
 
 def fms(ctx: ScoringContext) -> Scores:
@@ -267,35 +291,21 @@ def _multiplier_gradients(ctx: ScoringContext, resolution: str) -> list[torch.Te
 
 
 def _fms_weight(ctx: ScoringContext) -> Scores:
+    if ctx.option("gradients") == "backprop":
+        sums = _exact_sums(ctx, lambda w, g, st: w.abs() * st.norm * g.abs())
+        return _scores_from_sums(ctx.groups, sums)
     stats = input_stats(ctx)
     linears = _linears(ctx.groups)
-    if ctx.option("gradients") == "backprop":
-        grads, passes = exact.weight_gradients(
-            ctx.model, linears, ctx.batches, max(1, ctx.option("batch_size") // 2)
-        )
-        ctx.count(passes)
-        sums = {}
-        for lin in linears:
-            s = lin.weight.detach().float().abs() * stats[lin].norm * grads[lin].abs()
-            sums[lin] = (s.sum(1), s.sum(0))
-    else:
-        kw = _spsa_kwargs(ctx, per_weight=True)
-        est, passes = spsa.spsa_weights(ctx.model, list(enumerate(linears)), ctx.batches, **kw)
-        ctx.count(passes, 2 * kw["n_perturbations"])
-        ctx.cache["spsa_estimate"] = est
-        seeds, coeffs = [s for s, _ in est], [c for _, c in est]
-        sums = {
-            lin: ops.fms_scores(
-                lin.weight.detach(), stats[lin].norm, seeds, coeffs, tid, kw["dist"]
-            )
-            for tid, lin in enumerate(linears)
-        }
-    return {
-        (g.layer, g.kind): sum(
-            sums[b.linear][b.dim].view(-1, b.size).sum(1) for b in g.producers + g.consumers
-        )
-        for g in ctx.groups
+    kw = _spsa_kwargs(ctx, per_weight=True)
+    est, passes = spsa.spsa_weights(ctx.model, list(enumerate(linears)), ctx.batches, **kw)
+    ctx.count(passes, 2 * kw["n_perturbations"])
+    ctx.cache["spsa_estimate"] = est
+    seeds, coeffs = [s for s, _ in est], [c for _, c in est]
+    sums = {
+        lin: ops.fms_scores(lin.weight.detach(), stats[lin].norm, seeds, coeffs, tid, kw["dist"])
+        for tid, lin in enumerate(linears)
     }
+    return _scores_from_sums(ctx.groups, sums)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Exact gradients by backpropagation: the memory-hungry references of the SPSA estimates.
+"""Exact gradients by backpropagation, block by block for weights (:func:`weight_gradients`).
 
 The loss is the mean over calibration sequences of each sequence's mean next-token loss,
 the same ``L`` that :mod:`minillm.spsa` estimates. Parameters are never modified;
@@ -7,14 +7,22 @@ the same ``L`` that :mod:`minillm.spsa` estimates. Parameters are never modified
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from minillm.activations import sequence_losses
-from minillm.adapters import Group
+from minillm.activations import InputStats, collected_stats, sequence_losses
+from minillm.adapters import Adapter, Group, adapter_for
+from minillm.block_loop import (
+    Boundary,
+    HiddenStore,
+    block_output,
+    capture,
+    run_block,
+    sequence_losses_from_hidden,
+)
 from minillm.spsa import n_coords, scaled_consumer_inputs
 
 
@@ -44,18 +52,98 @@ def _backward_over(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> i
     return passes
 
 
-def weight_gradients(
-    model: nn.Module, linears: Sequence[nn.Linear], tokens: torch.Tensor, batch_size: int = 4
-) -> tuple[dict[nn.Linear, torch.Tensor], int]:
-    """``dL/dW`` ``[out, in]`` float32 of each linear over ``tokens`` ``[n, seqlen]``.
+def _layer_of(adapter: Adapter, model: nn.Module, linears: Sequence[nn.Linear]) -> dict:
+    owner = {}
+    for i, block in enumerate(adapter.layers(model)):
+        for mod in block.modules():
+            owner[mod] = i
+    missing = [lin for lin in linears if lin not in owner]
+    if missing:
+        raise ValueError(f"{len(missing)} linear(s) are not inside a decoder block")
+    return {lin: owner[lin] for lin in linears}
 
-    Returns ``({linear: grad}, forward_passes)``.
+
+def _output_gradients(model, adapter, top: Boundary, n: int) -> list[torch.Tensor]:
+    """``dL/dh`` of the last block's output, per micro-batch (the loss is a mean over ``n``)."""
+    grads = []
+    for h, ids in zip(top.hidden, top.tokens, strict=True):
+        h = h.detach().requires_grad_()
+        (sequence_losses_from_hidden(model, adapter, h, ids).sum() / n).backward()
+        grads.append(h.grad)
+    return grads
+
+
+def weight_gradients(
+    model: nn.Module,
+    linears: Sequence[nn.Linear],
+    tokens: torch.Tensor,
+    batch_size: int = 4,
+    reduce: Callable[[nn.Linear, torch.Tensor, InputStats], object] | None = None,
+    spill: bool = False,
+) -> tuple[dict, int, dict[nn.Linear, InputStats]]:
+    """``dL/dW`` of each linear over ``tokens`` ``[n, seqlen]``, one decoder block at a time.
+
+    A forward sweep stores every block's input hidden states (``spill=True``: on disk, see
+    :class:`~minillm.block_loop.HiddenStore`); then from the top block down each block is
+    recomputed with grad on micro-batches of ``batch_size`` and the stored ``dL/d output`` is
+    backpropagated through it. The gradients of one block's linears are complete after its
+    step; ``reduce(linear, grad [out, in] float32, input_stats)`` turns each into what the caller
+    keeps (the gradient itself by default) before the next block, so one block's gradients live
+    at a time. Blocks below the lowest listed linear are never backpropagated. The linears'
+    input statistics are reduced during the forward sweep.
+
+    Returns ``({linear: reduce(linear, grad)}, forward_passes, {linear: InputStats})``.
     """
+    adapter = adapter_for(model)
     linears = list(dict.fromkeys(linears))
-    with _only_grad(model, [lin.weight for lin in linears]):
-        passes = _backward_over(model, tokens, batch_size)
-        grads = {lin: lin.weight.grad.float() for lin in linears}
-    return grads, passes
+    layer_of = _layer_of(adapter, model, linears)
+    blocks = adapter.layers(model)
+    lowest = min(layer_of.values())
+    reduce = reduce or (lambda lin, g, st: g)
+    n = tokens.shape[0]
+    boundary = capture(model, adapter, tokens, batch_size)
+    results: dict = {}
+    with HiddenStore(spill) as store, _only_grad(model, []):
+        with torch.no_grad(), collected_stats(linears) as stats:
+            for i in range(len(blocks)):
+                if i >= lowest:
+                    store.put(i, boundary.hidden)
+                boundary = boundary.with_hidden(run_block(blocks[i], boundary))
+        grads = _output_gradients(model, adapter, boundary, n)
+        for i in reversed(range(lowest, len(blocks))):
+            own = [lin for lin in linears if layer_of[lin] == i]
+            inputs = boundary.with_hidden(store.get(i, tokens.device))
+            grads = _block_backward(blocks[i], inputs, grads, own, need_input_grad=i > lowest)
+            for lin in own:
+                results[lin] = reduce(lin, lin.weight.grad.float(), stats[lin])
+                lin.weight.grad = None
+    return results, 2 * len(boundary.hidden), stats
+
+
+def _block_backward(
+    block: nn.Module,
+    inputs: Boundary,
+    out_grads: list[torch.Tensor],
+    linears: list[nn.Linear],
+    need_input_grad: bool,
+) -> list[torch.Tensor]:
+    """Backpropagate ``out_grads`` through ``block``; accumulates the linears' ``.grad`` and
+    returns ``dL/d input`` per micro-batch (empty when not needed)."""
+    for lin in linears:
+        lin.weight.requires_grad_(True)
+    in_grads = []
+    try:
+        for h, kw, g in zip(inputs.hidden, inputs.kwargs, out_grads, strict=True):
+            x = h.detach().requires_grad_(need_input_grad)
+            with torch.enable_grad():
+                y = block_output(block(x, **kw))
+            y.backward(g)
+            if need_input_grad:
+                in_grads.append(x.grad)
+    finally:
+        for lin in linears:
+            lin.weight.requires_grad_(False)
+    return in_grads
 
 
 def multiplier_gradients(

@@ -26,6 +26,7 @@ from minillm.data import HUB_CALIBRATION, calibration_batches
 from minillm.io import atomic_output_dir, check_output_dir, save_pruned
 from minillm.memory import PhaseMeter
 from minillm.models import DTYPES, load_model
+from minillm.reconstruct import prune_sequential
 from minillm.surgery import layer_records, prune_layer
 
 log = logging.getLogger("minillm")
@@ -57,6 +58,8 @@ class PruneConfig:
     dist: str
     batch_size: int
     compensate: bool
+    reconstruct: bool
+    ridge: float
     rank_together: bool
     device: str
     dtype: str
@@ -124,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per scoring forward")
     p.add_argument("--compensate", action="store_true", help="fold removed means into biases")
     p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="refit the consumers of removed units by least squares, layer by layer (bottom-up)",
+    )
+    p.add_argument(
+        "--ridge", type=float, default=1e-4, help="--reconstruct: ridge, x mean Gram diagonal"
+    )
+    p.add_argument(
         "--rank-together",
         action="store_true",
         help="global ranking: heads and channels in one list (default: apart)",
@@ -167,6 +178,10 @@ def validate(cfg: PruneConfig) -> None:
         raise ValueError(
             "--model: pass the GGUF's directory as --model and its name as --gguf-file"
         )
+    if cfg.ridge < 0:
+        raise ValueError(f"--ridge: {cfg.ridge} is negative; use a value >= 0 such as 1e-4")
+    if cfg.reconstruct and cfg.compensate:
+        raise ValueError("--compensate: not needed with --reconstruct, which refits the biases too")
     if cfg.nsamples < 1 or cfg.seqlen < 2:
         raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
     check_output_dir(cfg.out, cfg.overwrite)
@@ -225,7 +240,7 @@ def run(cfg: PruneConfig) -> dict:
     layers = parse_layers(cfg.layers, len(adapter.layers(model)))
     with meter.phase("calibrate"):
         batches = torch.empty(0, cfg.seqlen, dtype=torch.long)
-        if cfg.compensate or cfg.criterion not in DATA_FREE_CRITERIA:
+        if cfg.compensate or cfg.reconstruct or cfg.criterion not in DATA_FREE_CRITERIA:
             batches = calibration_batches(
                 cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, model
             )
@@ -239,17 +254,22 @@ def run(cfg: PruneConfig) -> dict:
         scores = CRITERIA[cfg.criterion](ctx)
     with meter.phase("prune"):
         keep = allocate(groups, scores, cfg, options)
-        if cfg.compensate:
-            compensate(ctx, keep)
-        for layer in layers:
-            prune_layer(
-                model,
-                adapter,
-                layer,
-                keep.get((layer, "heads")),
-                keep.get((layer, "channels")),
-                cfg.gqa,
+        if cfg.reconstruct:
+            prune_sequential(
+                model, adapter, batches, keep, layers, cfg.gqa, cfg.batch_size, cfg.ridge
             )
+        else:
+            if cfg.compensate:
+                compensate(ctx, keep)
+            for layer in layers:
+                prune_layer(
+                    model,
+                    adapter,
+                    layer,
+                    keep.get((layer, "heads")),
+                    keep.get((layer, "channels")),
+                    cfg.gqa,
+                )
     ppl_after = eval_ppl(model, tokenizer, cfg)
     report = {
         "model": cfg.model or "SmolLM2-135M-Instruct (embedded GGUF)",

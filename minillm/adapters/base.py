@@ -73,6 +73,10 @@ class Adapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """What the last block's output goes through before the LM head (norm, projection)."""
+        raise NotImplementedError
+
     def groups(self, model: nn.Module, layer: int, gqa: str = "query") -> dict[str, Group]:
         """``{"heads": Group, "channels": Group}`` for decoder layer ``layer``."""
         raise NotImplementedError

@@ -35,6 +35,9 @@ class BloomAdapter(Adapter):
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.transformer.h
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.transformer.ln_f
+
     def groups(self, model: nn.Module, layer: int, gqa: str = "query") -> dict[str, Group]:
         block = self.layers(model)[layer]
         attn, mlp = block.self_attention, block.mlp

@@ -21,6 +21,9 @@ class LlamaAdapter(Adapter):
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
+
     def groups(self, model: nn.Module, layer: int, gqa: str = "query") -> dict[str, Group]:
         attn = self.layers(model)[layer].self_attn
         mlp = self.layers(model)[layer].mlp

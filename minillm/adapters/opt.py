@@ -19,6 +19,11 @@ class OPTAdapter(Adapter):
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.decoder.layers
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        decoder = model.model.decoder
+        parts = [m for m in (decoder.final_layer_norm, decoder.project_out) if m is not None]
+        return nn.Sequential(*parts)
+
     def groups(self, model: nn.Module, layer: int, gqa: str = "query") -> dict[str, Group]:
         block = self.layers(model)[layer]
         attn = block.self_attn

@@ -1,0 +1,158 @@
+"""The block loop: calibration hidden states at a decoder-block boundary, one block at a time.
+
+Exact block-by-block gradients (:mod:`minillm.gradients`) and reconstruction
+(:mod:`minillm.reconstruct`) share this shape of computation (SparseGPT/Wanda process layers
+the same way): catch the inputs of the first decoder block for every calibration micro-batch,
+then run the blocks one after the other on them. Memory is one block's activations plus the
+hidden states of one boundary, ``n * seqlen * hidden`` values, whatever the depth.
+
+A :class:`Boundary` holds, per micro-batch, the hidden states ``[b, seqlen, hidden]`` and the
+keyword arguments every decoder block receives (attention mask, rotary position embeddings,
+BLOOM's ALiBi tensor), captured once from the model's own forward.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minillm.activations import chunked_lm_loss
+from minillm.adapters import Adapter
+
+
+@dataclass
+class Boundary:
+    """Hidden states entering a decoder block: ``hidden[i]`` ``[b_i, seqlen, d]`` per micro-batch,
+    ``kwargs[i]`` the block's keyword arguments for that micro-batch, ``tokens[i]`` its ids."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+    tokens: list[torch.Tensor]
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> Boundary:
+        return Boundary(hidden, self.kwargs, self.tokens)
+
+
+class _Caught(Exception):
+    pass
+
+
+def _block_kwargs(kwargs: dict) -> dict:
+    drop = ("past_key_values", "past_key_value", "layer_past", "cache")
+    kw = {k: v for k, v in kwargs.items() if k not in drop}
+    kw["use_cache"] = False
+    return kw
+
+
+@torch.no_grad()
+def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int) -> Boundary:
+    """Inputs of decoder block 0 for ``tokens`` ``[n, seqlen]`` in micro-batches of ``batch_size``.
+
+    Runs the model's embedding stage and stops at the first block (a pre-hook raises after
+    recording its arguments), so no block and no logits are computed.
+    """
+    first = adapter.layers(model)[0]
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        seen["kwargs"] = _block_kwargs(kwargs)
+        raise _Caught
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    hidden, kwargs, ids = [], [], []
+    try:
+        for i in range(0, tokens.shape[0], batch_size):
+            batch = tokens[i : i + batch_size].to(model.device)
+            try:
+                model.base_model(input_ids=batch, use_cache=False)
+            except _Caught:
+                pass
+            hidden.append(seen["hidden"])
+            kwargs.append(seen["kwargs"])
+            ids.append(batch)
+    finally:
+        handle.remove()
+    return Boundary(hidden, kwargs, ids)
+
+
+def block_output(out) -> torch.Tensor:
+    """The hidden states of a decoder block's return value (a tensor or a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_block(block: nn.Module, boundary: Boundary, grad: bool = False) -> list[torch.Tensor]:
+    """Outputs ``[b, seqlen, d]`` of ``block`` for every micro-batch of ``boundary``."""
+    with torch.set_grad_enabled(grad):
+        return [
+            block_output(block(h, **kw))
+            for h, kw in zip(boundary.hidden, boundary.kwargs, strict=True)
+        ]
+
+
+def sequence_losses_from_hidden(
+    model: nn.Module, adapter: Adapter, hidden: torch.Tensor, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """Per-sequence mean next-token loss ``[b]`` from the last block's output ``[b, seqlen, d]``."""
+    return chunked_lm_loss(model, adapter.final_norm(model)(hidden), input_ids)
+
+
+class HiddenStore:
+    """Hidden states of every block boundary, kept for a later backward sweep.
+
+    ``spill=True`` writes each boundary to a temporary directory (one file per layer) and reads
+    it back when asked, so resident memory holds one boundary at a time; ``False`` keeps them in
+    memory. Use as a context manager: the directory is removed on exit.
+    """
+
+    def __init__(self, spill: bool = True) -> None:
+        self.spill = spill
+        self._mem: dict[int, list[torch.Tensor]] = {}
+        self._dir = Path(tempfile.mkdtemp(prefix="minillm-hidden-")) if spill else None
+
+    def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        if self._dir is None:
+            self._mem[layer] = [h.detach() for h in hidden]
+        else:
+            torch.save([h.detach().cpu() for h in hidden], self._dir / f"{layer}.pt")
+
+    def get(self, layer: int, device: torch.device) -> list[torch.Tensor]:
+        if self._dir is None:
+            return self._mem[layer]
+        return [h.to(device) for h in torch.load(self._dir / f"{layer}.pt")]
+
+    def __enter__(self) -> HiddenStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mem.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def sweep(
+    model: nn.Module,
+    adapter: Adapter,
+    boundary: Boundary,
+    layers: range | list[int],
+    visit: Callable[[int, Boundary], list[torch.Tensor] | None] | None = None,
+) -> Boundary:
+    """Run ``boundary`` through the decoder blocks ``layers`` (consecutive, ascending).
+
+    ``visit(layer, boundary_in)`` is called before each block; it may change the block (prune,
+    refit) and may return the block's outputs itself (otherwise the block is run here). Returns
+    the boundary after the last block.
+    """
+    blocks = adapter.layers(model)
+    for i in layers:
+        out = visit(i, boundary) if visit is not None else None
+        if out is None:
+            out = run_block(blocks[i], boundary)
+        boundary = boundary.with_hidden(out)
+    return boundary

@@ -1,0 +1,260 @@
+"""Reconstruction after removal: refit the linears that read removed units, layer by layer.
+
+For a consumer linear ``y = W x + b`` (o_proj, down_proj, out_proj, fc2, dense, dense_4h_to_h)
+whose input units ``R`` are removed, the kept columns ``K`` and the bias are refit so that its
+output on the calibration inputs stays as close as possible to the dense one::
+
+    min_{W', b'}  sum_t || W x_t + b - (W' x_{t,K} + b') ||^2  +  lam * ||W'||^2
+
+solved in closed form from the Gram statistics ``G = sum_t x_t x_t^T`` and ``s = sum_t x_t`` of
+the consumer's inputs (:class:`Gram`). FLAP's bias compensation is the special case
+``W' = W_K``, ``b' = b + W_R mean(x_R)``. ``lam = ridge * mean(diag(G_KK))``.
+
+:func:`prune_sequential` processes the decoder blocks bottom-up through the block loop, so each
+layer is calibrated on the outputs of the already-pruned layers below it: per pruned layer, the
+heads' consumer Gram is collected on the current inputs, the heads are removed and refit, then
+the channels' consumer Gram is collected with the pruned attention, and the channels are
+removed and refit. One Gram matrix (``in_features**2`` float64) lives at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minillm.adapters import Adapter
+from minillm.block_loop import Boundary, capture, run_block, sweep
+from minillm.surgery import prune_layer
+
+log = logging.getLogger("minillm")
+
+
+@dataclass
+class Gram:
+    """``xtx`` ``[in, in]`` float64 ``sum_t x_t x_t^T``; ``xsum`` ``[in]`` float64; ``count``."""
+
+    xtx: torch.Tensor
+    xsum: torch.Tensor
+    count: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx += (x.t() @ x).double()
+        self.xsum += x.sum(0).double()
+        self.count += x.shape[0]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def consumer_gram(block: nn.Module, linear: nn.Linear, boundary: Boundary) -> Gram:
+    """Gram statistics of ``linear``'s inputs when ``block`` runs on every micro-batch.
+
+    The block is stopped at ``linear`` (its input is all that is needed).
+    """
+    n = linear.in_features
+    dev = linear.weight.device
+    gram = Gram(
+        torch.zeros(n, n, dtype=torch.float64, device=dev),
+        torch.zeros(n, dtype=torch.float64, device=dev),
+    )
+
+    def hook(module, args):
+        gram.add(args[0])
+        raise _Stop
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        for h, kw in zip(boundary.hidden, boundary.kwargs, strict=True):
+            try:
+                block(h, **kw)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return gram
+
+
+def refit_weights(
+    weight: torch.Tensor, bias: torch.Tensor | None, gram: Gram, kept: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares ``(W' [out, k], b' [out])`` for kept input columns ``kept`` ``[k]``.
+
+    ``weight`` ``[out, in]`` and ``bias`` ``[out]`` (or None) are the dense consumer's. Solved in
+    float64 by Cholesky; where the regularized system is not positive definite the ridge is
+    raised tenfold (up to four times) with a warning, then ValueError.
+    """
+    if gram.count == 0:
+        raise ValueError("reconstruction: no calibration tokens reached the layer")
+    w = weight.double()
+    g, s, n = gram.xtx, gram.xsum, float(gram.count)
+    k = kept.numel()
+    a = torch.empty(k + 1, k + 1, dtype=torch.float64, device=g.device)
+    a[:k, :k] = g[kept][:, kept]
+    a[:k, k] = a[k, :k] = s[kept]
+    a[k, k] = n
+    rhs = torch.cat([g[kept] @ w.t(), (s @ w.t())[None]])  # [k + 1, out]
+    lam = ridge * a[:k, :k].diagonal().mean().clamp_min(1e-12)
+    for _ in range(5):
+        reg = a.clone()
+        reg.diagonal()[:k] += lam
+        chol, info = torch.linalg.cholesky_ex(reg)
+        if info == 0:
+            break
+        lam = lam * 10
+        log.warning("reconstruction: Gram matrix not positive definite, ridge raised to %.2e", lam)
+    else:
+        raise ValueError(
+            "reconstruction: the Gram matrix stays singular; use more calibration tokens "
+            "(--nsamples/--seqlen) or a larger --ridge"
+        )
+    sol = torch.cholesky_solve(rhs, chol)  # [k + 1, out]
+    new_bias = sol[k] + (bias.double() if bias is not None else 0.0)
+    return sol[:k].t().contiguous(), new_bias
+
+
+def _augmented_inverse(gram: Gram, ridge: float) -> torch.Tensor:
+    """``(G_aug + lam I)^-1`` ``[in + 1, in + 1]`` of the inputs with a constant 1 appended."""
+    n = gram.xtx.shape[0]
+    a = torch.empty(n + 1, n + 1, dtype=torch.float64, device=gram.xtx.device)
+    a[:n, :n] = gram.xtx
+    a[:n, n] = a[n, :n] = gram.xsum
+    a[n, n] = float(gram.count)
+    a.diagonal()[:n] += ridge * gram.xtx.diagonal().mean().clamp_min(1e-12) + 1e-12
+    return torch.linalg.inv(a)
+
+
+def _removal_costs(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``tr(W_B (H^-1_BB)^-1 W_B^T)`` for every unit's columns ``cols[u]``: ``[n_units]``."""
+    if cols.shape[1] == 1:
+        c = cols[:, 0]
+        return w[:, c].pow(2).sum(0) / hinv.diagonal()[c]
+    return torch.stack(
+        [torch.trace(w[:, b] @ torch.linalg.solve(hinv[b][:, b], w[:, b].t())) for b in cols]
+    )
+
+
+def select_removals(
+    weight: torch.Tensor,
+    gram: Gram,
+    block: int,
+    partitions: int,
+    n_remove_per_partition: int,
+    ridge: float,
+) -> torch.Tensor:
+    """Units to remove, chosen greedily by the least increase of the refit output error.
+
+    Unit ``u`` owns input columns ``B = [u * block, (u + 1) * block)`` of the consumer
+    ``weight`` ``[out, in]``. Removing it with the other columns refit optimally (the optimal
+    brain surgeon, by blocks) costs ``tr(W_B (H^-1_BB)^-1 W_B^T)``, ``H`` the Gram matrix of
+    the inputs with a constant appended (the bias is refit too); after each removal ``W`` and
+    ``H^-1`` are updated. Each of the ``partitions`` equal runs of units loses
+    ``n_remove_per_partition``. Returns the removed unit ids ``[r]``.
+    """
+    hinv = _augmented_inverse(gram, ridge)
+    w = torch.cat([weight.double(), weight.new_zeros(weight.shape[0], 1).double()], 1)
+    n_units = weight.shape[1] // block
+    per = n_units // partitions
+    partition = torch.arange(n_units, device=w.device) // per
+    quota = torch.full((partitions,), n_remove_per_partition, device=w.device)
+    alive = torch.ones(n_units, dtype=torch.bool, device=w.device)
+    removed = []
+    cols = torch.arange(n_units * block, device=w.device).view(n_units, block)
+    for _ in range(n_remove_per_partition * partitions):
+        open_ = alive & (quota[partition] > 0)
+        best = int(torch.where(open_, _removal_costs(w, hinv, cols), torch.inf).argmin())
+        b = cols[best]
+        inv_bb = torch.linalg.inv(hinv[b][:, b])
+        w -= w[:, b] @ inv_bb @ hinv[b]
+        hinv -= hinv[:, b] @ inv_bb @ hinv[b]
+        alive[best] = False
+        quota[best // per] -= 1
+        removed.append(best)
+    return torch.tensor(sorted(removed), dtype=torch.long)
+
+
+@torch.no_grad()
+def prune_and_refit(
+    model,
+    adapter: Adapter,
+    layer: int,
+    kind: str,
+    keep: torch.Tensor,
+    inputs: Boundary,
+    gqa: str = "query",
+    ridge: float = 1e-4,
+    select: bool = False,
+) -> None:
+    """Remove ``kind`` units of ``layer`` not in ``keep`` and refit their consumers on the
+    Gram statistics of the consumer inputs when the block runs on ``inputs``.
+
+    ``select=True`` keeps as many units per partition as ``keep`` but chooses them by
+    :func:`select_removals` on the same statistics.
+    """
+    group = adapter.groups(model, layer, gqa)[kind]
+    if len(group.consumers) != 1:
+        raise ValueError(f"reconstruction: {kind} of layer {layer} need exactly one consumer")
+    consumer = group.consumers[0]
+    lin = consumer.linear
+    gram = consumer_gram(adapter.layers(model)[layer], lin, inputs)
+    if gram.count <= lin.in_features:
+        log.warning(
+            "reconstruction: %d calibration tokens for %d inputs of layer %d %s; the ridge "
+            "decides the refit",
+            gram.count,
+            lin.in_features,
+            layer,
+            kind,
+        )
+    if select:
+        per_partition = (group.n_units - keep.numel()) // group.partitions
+        removed = select_removals(
+            lin.weight, gram, consumer.size, group.partitions, per_partition, ridge
+        )
+        keep = torch.ones(group.n_units, dtype=torch.bool)
+        keep[removed] = False
+        keep = keep.nonzero().flatten()
+    keep = keep.sort().values
+    cols = consumer.indices(keep.to(lin.weight.device))
+    weight, bias = refit_weights(lin.weight, lin.bias, gram, cols, ridge)
+    del gram
+    # slice through the surgery (head counts, BLOOM's ALiBi rows), then write the refit weights
+    heads, channels = (keep, None) if kind == "heads" else (None, keep)
+    prune_layer(model, adapter, layer, heads, channels, gqa)
+    lin.weight.data.copy_(weight.to(lin.weight.dtype))
+    lin.bias = nn.Parameter(bias.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad)
+
+
+@torch.no_grad()
+def prune_sequential(
+    model: nn.Module,
+    adapter: Adapter,
+    tokens: torch.Tensor,
+    keep: dict[tuple[int, str], torch.Tensor],
+    layers: list[int],
+    gqa: str = "query",
+    batch_size: int = 8,
+    ridge: float = 1e-4,
+    select: bool = False,
+) -> None:
+    """Prune ``layers`` bottom-up to the kept units ``keep`` (as :func:`minillm.surgery.prune_layer`
+    would), refitting each consumer on the calibration ``tokens`` ``[n, seqlen]`` as they reach
+    the layer through the already-pruned layers below it. ``select=True``: ``keep`` gives only
+    how many units each layer keeps; which ones is decided by :func:`select_removals`."""
+    boundary = capture(model, adapter, tokens, batch_size)
+    top = max(layers)
+
+    def visit(i: int, inputs: Boundary):
+        if i in layers:
+            for kind in ("heads", "channels"):
+                if (i, kind) in keep:
+                    units = keep[(i, kind)]
+                    prune_and_refit(model, adapter, i, kind, units, inputs, gqa, ridge, select)
+        return run_block(adapter.layers(model)[i], inputs)
+
+    sweep(model, adapter, boundary, range(top + 1), visit)
