@@ -26,6 +26,7 @@ import torch
 from _smollm2 import load_smollm2
 
 from minillm.zeroshot import TASKS, make_lm, run_tasks
+from minillm.zeroshot_lm import common_prefix_len
 
 
 def timed(lm) -> dict:
@@ -66,6 +67,45 @@ def run_one(model, tok, name: str, task: str, args) -> dict:
     }
 
 
+def forward_cost(model, tok, task: str, args) -> dict:
+    """Token forwards and LM-head rows each class needs for the task's requests (no model run).
+
+    HFLM: one forward of context + continuation[:-1] per request (requests whose inputs are
+    equal, e.g. BoolQ's one-token answers, share one), LM head on every position. minillm: per
+    question, the shared prefix once plus each choice's remaining tokens; LM head on the
+    positions that score a token. FLOPs ~ 2 * (body parameters * tokens + head parameters *
+    rows), attention scores left out (short sequences).
+    """
+    lm = make_lm(model, tok, "minillm")
+    counts = {"hf_tokens": 0, "hf_rows": 0, "minillm_tokens": 0, "minillm_rows": 0}
+
+    def count(requests, disable_tqdm=False, override_bs=None):
+        keys = lm._doc_keys or [tuple(c) for _, c, _ in requests]
+        groups: dict = {}
+        for key, (_, ctx, cont) in zip(keys, requests, strict=True):
+            groups.setdefault(key, []).append(((ctx + cont)[-(lm.max_length + 1) :][:-1], cont))
+        for rows in groups.values():
+            unique = {tuple(x) for x, _ in rows}
+            counts["hf_tokens"] += sum(len(x) for x in unique)
+            counts["hf_rows"] += sum(len(x) for x in unique)
+            inputs = [x for x, _ in rows]
+            shared = min(common_prefix_len(inputs), min(len(x) for x in inputs) - 1)
+            counts["minillm_tokens"] += shared + sum(len(x) - shared for x in inputs)
+            counts["minillm_rows"] += sum(len(c) for _, c in rows)
+        return [(0.0, False)] * len(requests)
+
+    lm._loglikelihood_tokens = count
+    run_tasks(lm, [task], args.task_data_dir, args.limit)
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - embed
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    body -= 0 if tied else head
+    for k in ("hf", "minillm"):
+        counts[f"{k}_gflop"] = 2 * (body * counts[f"{k}_tokens"] + head * counts[f"{k}_rows"]) / 1e9
+    return counts
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task-data-dir", required=True)
@@ -74,10 +114,23 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=1, help="HFLM batch size (both classes)")
     p.add_argument("--cache-dir", default=None, help="float32 copy of the embedded SmolLM2")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="no timing: count the forward work each class needs (tokens, LM-head rows, FLOPs)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_smollm2(args.cache_dir)
+    if args.flops_only:
+        rows = {task: forward_cost(model, tok, task, args) for task in args.tasks.split(",")}
+        total = {k: sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
+        for r in [*rows.values(), total]:
+            r["flop_ratio"] = r["hf_gflop"] / r["minillm_gflop"]
+        json.dump({"limit": args.limit, "tasks": rows, "total": total}, sys.stdout, indent=2)
+        print()
+        return 0
     rows, totals = {}, {"hf": [0, 0.0, 0.0], "minillm": [0, 0.0, 0.0]}
     for task in args.tasks.split(","):
         ref = run_one(model, tok, "hf", task, args)
