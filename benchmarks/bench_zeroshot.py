@@ -90,6 +90,8 @@ def forward_cost(model, tok, task: str, args) -> dict:
             counts["hf_rows"] += sum(len(x) for x in unique)
             inputs = [x for x, _ in rows]
             shared = min(common_prefix_len(inputs), min(len(x) for x in inputs) - 1)
+            if len(unique) == 1:  # one forward scores every choice
+                shared = len(inputs[0])
             counts["minillm_tokens"] += shared + sum(len(x) - shared for x in inputs)
             counts["minillm_rows"] += sum(len(c) for _, c in rows)
         return [(0.0, False)] * len(requests)

@@ -86,7 +86,13 @@ class SharedPrefixLM(HFLM):
         # minus the last token; the continuation is scored on the last len(cont) logits
         inputs = [[(c + x)[-(self.max_length + 1) :][:-1] for _, c, x in g] for g in groups]
         conts = [x for g in groups for _, _, x in g]
-        shared = [min(common_prefix_len(g), min(len(x) for x in g) - 1) for g in inputs]
+        # when every group's inputs are one sequence (e.g. one-token answers), one forward
+        # scores them all; otherwise each row keeps at least one token to run on the cache
+        whole = all(all(x == g[0] for x in g) for g in inputs)
+        shared = [
+            len(g[0]) if whole else min(common_prefix_len(g), min(len(x) for x in g) - 1)
+            for g in inputs
+        ]
         rows = [x for g in inputs for x in g]
         owner = [k for k, g in enumerate(inputs) for _ in g]
         width = max(shared)
@@ -99,19 +105,10 @@ class SharedPrefixLM(HFLM):
             ends = torch.tensor(shared, device=device)[:, None]
             first = ends - keep  # [G, 1]: position of prefix_logits[:, 0]
             positions = (first + torch.arange(keep, device=device)).clamp(min=0)
-            out = self.model(ids, use_cache=True, logits_to_keep=positions)
+            out = self.model(ids, use_cache=not whole, logits_to_keep=positions)
             prefix_logits, cache = out.logits, out.past_key_values
-            cache.batch_select_indices(torch.tensor(owner, device=device))
         starts = [shared[owner[r]] for r in range(len(rows))]
-        rest = self._padded([x[s:] for x, s in zip(rows, starts, strict=True)])
-        mask = torch.ones((len(rows), width + rest.shape[1]), dtype=torch.long, device=device)
-        for r, s in enumerate(starts):
-            mask[r, s:width] = 0
-        kwargs = {}
-        if self._takes_positions:
-            base = torch.tensor(starts, device=device)[:, None]
-            kwargs["position_ids"] = base + torch.arange(rest.shape[1], device=device)
-        logits = self.model(rest, attention_mask=mask, cache=cache, **kwargs).logits
+        logits = None if whole else self._rest_logits(rows, starts, owner, width, cache)
         answers = []
         for r, (x, cont) in enumerate(zip(rows, conts, strict=True)):
             lo, hi, s = len(x) - len(cont), len(x), starts[r]
@@ -120,12 +117,28 @@ class SharedPrefixLM(HFLM):
                 g = owner[r]
                 offset = int(first[g]) if torch.is_tensor(first) else 0
                 parts.append(prefix_logits[g, lo - offset : s - offset])
-            parts.append(logits[r, max(lo, s) - s : hi - s])
+            if hi > s:
+                parts.append(logits[r, max(lo, s) - s : hi - s])
             logp = F.log_softmax(torch.cat(parts), dim=-1, dtype=self.softmax_dtype)
             target = torch.tensor(cont, device=device)
             greedy = bool((logp.argmax(dim=-1) == target).all())
             answers.append((float(logp.gather(1, target[:, None]).sum()), greedy))
         return answers
+
+    def _rest_logits(self, rows, starts, owner, width, cache) -> torch.Tensor:
+        """Logits ``[R, S, V]`` of each row's tokens after its prefix, on the prefix cache."""
+        device = self.device
+        if cache is not None:
+            cache.batch_select_indices(torch.tensor(owner, device=device))
+        rest = self._padded([x[s:] for x, s in zip(rows, starts, strict=True)])
+        mask = torch.ones((len(rows), width + rest.shape[1]), dtype=torch.long, device=device)
+        for r, s in enumerate(starts):
+            mask[r, s:width] = 0
+        kwargs = {}
+        if self._takes_positions:
+            base = torch.tensor(starts, device=device)[:, None]
+            kwargs["position_ids"] = base + torch.arange(rest.shape[1], device=device)
+        return self.model(rest, attention_mask=mask, cache=cache, **kwargs).logits
 
     def _padded(self, seqs: list[list[int]], width: int | None = None) -> torch.Tensor:
         """``LongTensor[len(seqs), width]`` of ``seqs`` right-padded with the pad token."""

@@ -122,8 +122,8 @@ def test_shared_prefix_requests_equal_hflm_on_every_task_format(task, per_reques
 
 def _requests(model, tokenizer) -> list[Instance]:
     """Documents of 1-4 choices over the word vocabulary: shared and unshared prefixes, an
-    empty context, a continuation longer than the context, a greedy continuation, and inputs
-    longer than max_length (left-truncated)."""
+    empty context, one-token answers, a continuation longer than the context, a greedy
+    continuation, and inputs longer than max_length (left-truncated)."""
     docs = []
     for doc in range(6):
         ctx = random_text(3 + 5 * doc, seed=doc)
@@ -132,6 +132,7 @@ def _requests(model, tokenizer) -> list[Instance]:
     docs.append([("", " " + random_text(3, seed=7)), ("", " " + random_text(2, seed=8))])
     ctx = random_text(6, seed=9)
     docs.append([(ctx + " w1", " w2 w3"), (ctx + " w2", " w2 w3")])  # winogrande-like
+    docs.append([(ctx, " w7"), (ctx, " w8")])  # boolq-like: one-token answers
     ids = torch.tensor([tokenizer(ctx).input_ids])
     greedy = []
     with torch.no_grad():
