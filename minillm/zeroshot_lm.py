@@ -4,9 +4,14 @@
 together and split, same truncation, same log-softmax dtype) with a different
 ``_loglikelihood_tokens``: the requests of one document (``task_name, doc_id``; or, without
 that, the requests with the same context tokens) form a group; the longest common token
-prefix of the group's inputs runs once with ``use_cache=True``, its KV cache is repeated for
-the group's rows, and only the rows' remaining tokens run on it, as one right-padded batch.
-The LM head runs only at positions that score a continuation token (``logits_to_keep``).
+prefix of the group's inputs runs once with ``use_cache=True`` and only each request's
+remaining tokens run on its KV cache. With ``batch_size`` 1 (the CPU default) they run one
+after the other, without padding, the cache cropped back to the prefix after each; with a
+larger ``batch_size`` that many groups go together: their prefixes as one right-padded batch,
+then every request's remaining tokens as one right-padded batch on the cache rows of its group,
+the padding between prefix and rest masked out. The LM head runs only at positions that score a
+continuation token (``logits_to_keep``); a group whose requests share their whole input (e.g.
+one-token answers) takes a single forward.
 
 Registered with lm-eval as ``minillm`` (``simple_evaluate(model="minillm", ...)``).
 """
@@ -108,7 +113,17 @@ class SharedPrefixLM(HFLM):
             out = self.model(ids, use_cache=not whole, logits_to_keep=positions)
             prefix_logits, cache = out.logits, out.past_key_values
         starts = [shared[owner[r]] for r in range(len(rows))]
-        logits = None if whole else self._rest_logits(rows, starts, owner, width, cache)
+        scored = [
+            (max(len(x) - len(c), s), len(x)) for x, c, s in zip(rows, conts, starts, strict=True)
+        ]
+        if whole:
+            rest = [None] * len(rows)
+        elif len(groups) == 1:
+            rest = self._rest_one_by_one(rows, starts, scored, cache)
+        else:
+            logits = self._rest_logits(rows, starts, owner, width, cache)
+            spans = enumerate(zip(scored, starts, strict=True))
+            rest = [logits[r, a - s : b - s] for r, ((a, b), s) in spans]
         answers = []
         for r, (x, cont) in enumerate(zip(rows, conts, strict=True)):
             lo, hi, s = len(x) - len(cont), len(x), starts[r]
@@ -118,12 +133,23 @@ class SharedPrefixLM(HFLM):
                 offset = int(first[g]) if torch.is_tensor(first) else 0
                 parts.append(prefix_logits[g, lo - offset : s - offset])
             if hi > s:
-                parts.append(logits[r, max(lo, s) - s : hi - s])
+                parts.append(rest[r])
             logp = F.log_softmax(torch.cat(parts), dim=-1, dtype=self.softmax_dtype)
             target = torch.tensor(cont, device=device)
             greedy = bool((logp.argmax(dim=-1) == target).all())
             answers.append((float(logp.gather(1, target[:, None]).sum()), greedy))
         return answers
+
+    def _rest_one_by_one(self, rows, starts, scored, cache) -> list[torch.Tensor]:
+        """One question: each row's remaining tokens run alone on the prefix cache (no padding,
+        LM head only where a token is scored), the cache cropped back after each."""
+        out = []
+        for x, s, (a, b) in zip(rows, starts, scored, strict=True):
+            ids = torch.tensor([x[s:]], device=self.device)
+            out.append(self.model(ids, cache=cache, logits_to_keep=b - a).logits[0])
+            if cache is not None:
+                cache.crop(s - len(x))  # drop this row's tokens again
+        return out
 
     def _rest_logits(self, rows, starts, owner, width, cache) -> torch.Tensor:
         """Logits ``[R, S, V]`` of each row's tokens after its prefix, on the prefix cache."""
