@@ -190,12 +190,15 @@ def make_lm(
     if lm_class not in LM_CLASSES:
         raise ValueError(f"--lm-eval-model: unknown '{lm_class}'; valid: {', '.join(LM_CLASSES)}")
     device = str(next(model.parameters()).device)
+    # the shared-prefix class packs questions by tokens: 1024 input tokens per unit of batch
+    extra = {"batch_tokens": 1024 * batch_size} if lm_class == "minillm" else {}
     return get_model(lm_class)(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=batch_size,
         max_length=max_length,
         device=device,
+        **extra,
     )
 
 

@@ -5,13 +5,13 @@ together and split, same truncation, same log-softmax dtype) with a different
 ``_loglikelihood_tokens``: the requests of one document (``task_name, doc_id``; or, without
 that, the requests with the same context tokens) form a group; the longest common token
 prefix of the group's inputs runs once with ``use_cache=True`` and only each request's
-remaining tokens run on its KV cache. With ``batch_size`` 1 (the CPU default) they run one
-after the other, without padding, the cache cropped back to the prefix after each; with a
-larger ``batch_size`` that many groups go together: their prefixes as one right-padded batch,
-then every request's remaining tokens as one right-padded batch on the cache rows of its group,
-the padding between prefix and rest masked out. The LM head runs only at positions that score a
-continuation token (``logits_to_keep``); a group whose requests share their whole input (e.g.
-one-token answers) takes a single forward.
+remaining tokens run on its KV cache. Groups are packed, longest first, up to ``batch_tokens``
+input tokens per batch: their prefixes run as one right-padded batch, then every request's
+remaining tokens as one right-padded batch on the cache rows of its group, the padding between
+prefix and rest masked out. So a batch of questions costs two forwards, whatever the number of
+choices (on a CPU a short forward costs mostly the reading of every weight). The LM head runs
+only at positions that score a continuation token (``logits_to_keep``); a batch whose groups
+share their whole input (e.g. one-token answers) takes a single forward.
 
 Registered with lm-eval as ``minillm`` (``simple_evaluate(model="minillm", ...)``).
 """
@@ -41,7 +41,15 @@ def common_prefix_len(rows: list[list[int]]) -> int:
 
 @register_model("minillm")
 class SharedPrefixLM(HFLM):
-    """``HFLM`` whose log-likelihoods share each question's context (see module docstring)."""
+    """``HFLM`` whose log-likelihoods share each question's context (see module docstring).
+
+    ``batch_tokens``: questions are packed into one forward up to about this many input
+    tokens (a forward reads every weight once, which dominates short forwards on a CPU).
+    """
+
+    def __init__(self, *args, batch_tokens: int = 1024, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_tokens = int(batch_tokens)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         # HFLM tokenizes and calls _loglikelihood_tokens in request order; remember which
@@ -63,12 +71,17 @@ class SharedPrefixLM(HFLM):
             groups.setdefault(key, []).append(i)
         # longest first, so that a batch of groups pads little and memory errors come early
         order = sorted(groups.values(), key=lambda g: -max(len(requests[i][1]) for i in g))
-        per_batch = override_bs or self.batch_size_per_gpu
-        per_batch = per_batch if isinstance(per_batch, int) else 1
+        batches, tokens = [], self.batch_tokens
+        for g in order:
+            size = sum(len(requests[i][1]) + len(requests[i][2]) for i in g)
+            if tokens + size > self.batch_tokens:
+                batches.append([])
+                tokens = 0
+            batches[-1].append(g)
+            tokens += size
         results: list = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood requests")
-        for start in range(0, len(order), per_batch):
-            batch = order[start : start + per_batch]
+        for batch in batches:
             scored = self._score_groups([[requests[i] for i in g] for g in batch])
             for i, answer in zip([i for g in batch for i in g], scored, strict=True):
                 results[i] = answer
@@ -116,14 +129,11 @@ class SharedPrefixLM(HFLM):
         scored = [
             (max(len(x) - len(c), s), len(x)) for x, c, s in zip(rows, conts, starts, strict=True)
         ]
-        if whole:
-            rest = [None] * len(rows)
-        elif len(groups) == 1:
-            rest = self._rest_one_by_one(rows, starts, scored, cache)
-        else:
-            logits = self._rest_logits(rows, starts, owner, width, cache)
-            spans = enumerate(zip(scored, starts, strict=True))
-            rest = [logits[r, a - s : b - s] for r, ((a, b), s) in spans]
+        rest = (
+            [None] * len(rows)
+            if whole
+            else self._rest_logits(rows, starts, owner, width, cache, scored)
+        )
         answers = []
         for r, (x, cont) in enumerate(zip(rows, conts, strict=True)):
             lo, hi, s = len(x) - len(cont), len(x), starts[r]
@@ -140,19 +150,9 @@ class SharedPrefixLM(HFLM):
             answers.append((float(logp.gather(1, target[:, None]).sum()), greedy))
         return answers
 
-    def _rest_one_by_one(self, rows, starts, scored, cache) -> list[torch.Tensor]:
-        """One question: each row's remaining tokens run alone on the prefix cache (no padding,
-        LM head only where a token is scored), the cache cropped back after each."""
-        out = []
-        for x, s, (a, b) in zip(rows, starts, scored, strict=True):
-            ids = torch.tensor([x[s:]], device=self.device)
-            out.append(self.model(ids, cache=cache, logits_to_keep=b - a).logits[0])
-            if cache is not None:
-                cache.crop(s - len(x))  # drop this row's tokens again
-        return out
-
-    def _rest_logits(self, rows, starts, owner, width, cache) -> torch.Tensor:
-        """Logits ``[R, S, V]`` of each row's tokens after its prefix, on the prefix cache."""
+    def _rest_logits(self, rows, starts, owner, width, cache, scored) -> list[torch.Tensor]:
+        """Per row, the logits ``[b - a, V]`` of its scored positions ``scored[r] = (a, b)``
+        after its prefix, from one right-padded forward of every row's rest on the cache."""
         device = self.device
         if cache is not None:
             cache.batch_select_indices(torch.tensor(owner, device=device))
@@ -164,7 +164,14 @@ class SharedPrefixLM(HFLM):
         if self._takes_positions:
             base = torch.tensor(starts, device=device)[:, None]
             kwargs["position_ids"] = base + torch.arange(rest.shape[1], device=device)
-        return self.model(rest, attention_mask=mask, cache=cache, **kwargs).logits
+        # LM head only at each row's scored positions: the last `keep` before its end
+        ends = torch.tensor([b - s for (_, b), s in zip(scored, starts, strict=True)])
+        keep = max(b - a for a, b in scored)
+        positions = (ends[:, None] - keep + torch.arange(keep)).clamp(min=0).to(device)
+        logits = self.model(
+            rest, attention_mask=mask, cache=cache, logits_to_keep=positions, **kwargs
+        ).logits
+        return [logits[r, keep - (b - a) :] for r, (a, b) in enumerate(scored)]
 
     def _padded(self, seqs: list[list[int]], width: int | None = None) -> torch.Tensor:
         """``LongTensor[len(seqs), width]`` of ``seqs`` right-padded with the pad token."""

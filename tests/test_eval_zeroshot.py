@@ -153,13 +153,13 @@ def _requests(model, tokenizer) -> list[Instance]:
     ]
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_shared_prefix_loglikelihoods_equal_hflm_on_tiny_models(tiny_model, family, batch_size):
+@pytest.mark.parametrize("batch_tokens", [1, 40, 4096])  # one question per batch .. all
+def test_shared_prefix_loglikelihoods_equal_hflm_on_tiny_models(tiny_model, family, batch_tokens):
     tokenizer = tiny_tokenizer()
     requests = _requests(tiny_model, tokenizer)
     kwargs = dict(pretrained=tiny_model, tokenizer=tokenizer, max_length=24)
     ref = HFLM(**kwargs, batch_size=3).loglikelihood(requests, disable_tqdm=True)
-    lm = SharedPrefixLM(**kwargs, batch_size=batch_size)
+    lm = SharedPrefixLM(**kwargs, batch_size=1, batch_tokens=batch_tokens)
     got = lm.loglikelihood(requests, disable_tqdm=True)
     assert any(greedy for _, greedy in ref)  # the greedy continuation is recognised
     for (ll_ref, greedy_ref), (ll, greedy) in zip(ref, got, strict=True):
