@@ -128,6 +128,20 @@ def masked(groups, keep, ctx, options):
     return undo
 
 
+def keep_at(groups, scores, ratio: float, config: tuple):
+    """Kept units at ``ratio`` under the config's allocation."""
+    criterion, options, alloc = config
+    if alloc == "uniform":
+        return uniform(groups, scores, ratio)
+    return global_ranking(
+        groups,
+        scores,
+        ratio,
+        normalize=global_normalization(criterion, options),
+        together=alloc == "together",
+    )
+
+
 def params_removed(groups, keep) -> int:
     return sum(g.unit_params() * (g.n_units - len(keep[(g.layer, g.kind)])) for g in groups)
 
@@ -213,25 +227,32 @@ def main() -> None:
         with meter.phase("score"):
             scores = CRITERIA[criterion](ctx)
         ratios = args.ratios if alloc == "uniform" else args.ratios_for_global
+
         if args.score_only:
             ratios = ""
             row = {"config": name, "score_wall_s": round(meter.time_s["score"], 2)}
             row["score_peak_rss_bytes"] = meter.peak_memory_bytes["score"]
             row["rss_before_score_bytes"] = rss0
             row["forward_passes"] = ctx.forward_passes
+            if args.reconstruct in ("on", "select"):  # in place: the model is not needed after
+                keep = keep_at(groups, scores, float(args.ratios.split(",")[0]), CONFIGS[name])
+                layers = sorted({g.layer for g in groups})
+                with meter.phase("reconstruct"):
+                    prune_sequential(
+                        model,
+                        adapter,
+                        calib,
+                        keep,
+                        layers,
+                        ridge=args.ridge,
+                        select=args.reconstruct == "select",
+                    )
+                row["reconstruct_wall_s"] = round(meter.time_s["reconstruct"], 2)
+                row["reconstruct_peak_rss_bytes"] = meter.peak_memory_bytes["reconstruct"]
             out["results"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
         for ratio in (float(r) for r in ratios.split(",") if r):
-            if alloc == "uniform":
-                keep = uniform(groups, scores, ratio)
-            else:
-                keep = global_ranking(
-                    groups,
-                    scores,
-                    ratio,
-                    normalize=global_normalization(criterion, options),
-                    together=alloc == "together",
-                )
+            keep = keep_at(groups, scores, ratio, CONFIGS[name])
             for recon in args.reconstruct.split(","):
                 if recon in ("on", "select"):
                     pruned = copy.deepcopy(model)

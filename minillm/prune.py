@@ -59,6 +59,7 @@ class PruneConfig:
     batch_size: int
     compensate: bool
     reconstruct: bool
+    select: str
     ridge: float
     rank_together: bool
     device: str
@@ -130,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--reconstruct",
         action="store_true",
         help="refit the consumers of removed units by least squares, layer by layer (bottom-up)",
+    )
+    p.add_argument(
+        "--select",
+        choices=["scores", "refit"],
+        default="scores",
+        help="--reconstruct: which units each layer loses: the criterion's lowest scores, or "
+        "those whose removal the refit recovers best (greedy OBS on the layer's Gram)",
     )
     p.add_argument(
         "--ridge", type=float, default=1e-4, help="--reconstruct: ridge, x mean Gram diagonal"
@@ -256,7 +264,15 @@ def run(cfg: PruneConfig) -> dict:
         keep = allocate(groups, scores, cfg, options)
         if cfg.reconstruct:
             prune_sequential(
-                model, adapter, batches, keep, layers, cfg.gqa, cfg.batch_size, cfg.ridge
+                model,
+                adapter,
+                batches,
+                keep,
+                layers,
+                cfg.gqa,
+                cfg.batch_size,
+                cfg.ridge,
+                select=cfg.select == "refit",
             )
         else:
             if cfg.compensate:
