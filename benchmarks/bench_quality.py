@@ -170,6 +170,9 @@ def main() -> None:
     )
     p.add_argument("--ridge", type=float, default=1e-4, help="--reconstruct: relative ridge")
     p.add_argument(
+        "--spill", action="store_true", help="exact gradients: block inputs on disk, not in memory"
+    )
+    p.add_argument(
         "--score-only",
         action="store_true",
         help="no perplexity: one row per config with the scoring time and memory (run one "
@@ -220,7 +223,7 @@ def main() -> None:
     print(json.dumps({"dense": out["dense_ppl"]}), file=sys.stderr, flush=True)
     for name in args.configs.split(","):
         criterion, options, alloc = CONFIGS[name]
-        options = {"perturbations": args.perturbations, **options}  # per-config rounds win
+        options = {"perturbations": args.perturbations, "spill": args.spill, **options}
         ctx = ScoringContext(model, adapter, groups, calib, args.seed, options=options)
         meter = PhaseMeter("cpu")
         rss0 = _rss()
