@@ -91,7 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"window length; default min({DEFAULT_SEQLEN}, the model's max_position_embeddings)",
     )
     p.add_argument("--max-tokens", type=int, help="use only the first N test tokens")
-    p.add_argument("--batch-size", type=int, default=1, help="windows / lm-eval requests per step")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="perplexity windows per step; zero-shot: HFLM requests per step, or for the "
+        "minillm class units of 1,024 input tokens packed per forward",
+    )
     p.add_argument(
         "--tasks", default="", help=f"comma-separated zero-shot tasks: {','.join(TASKS)} or 'all'"
     )
