@@ -128,6 +128,20 @@ def masked(groups, keep, ctx, options):
     return undo
 
 
+def keep_at(groups, scores, ratio: float, config: tuple):
+    """Kept units at ``ratio`` under the config's allocation."""
+    criterion, options, alloc = config
+    if alloc == "uniform":
+        return uniform(groups, scores, ratio)
+    return global_ranking(
+        groups,
+        scores,
+        ratio,
+        normalize=global_normalization(criterion, options),
+        together=alloc == "together",
+    )
+
+
 def params_removed(groups, keep) -> int:
     return sum(g.unit_params() * (g.n_units - len(keep[(g.layer, g.kind)])) for g in groups)
 
@@ -155,6 +169,9 @@ def main() -> None:
         help="comma list of off (mask), on (refit), select (choose units on the Gram and refit)",
     )
     p.add_argument("--ridge", type=float, default=1e-4, help="--reconstruct: relative ridge")
+    p.add_argument(
+        "--spill", action="store_true", help="exact gradients: block inputs on disk, not in memory"
+    )
     p.add_argument(
         "--score-only",
         action="store_true",
@@ -206,32 +223,39 @@ def main() -> None:
     print(json.dumps({"dense": out["dense_ppl"]}), file=sys.stderr, flush=True)
     for name in args.configs.split(","):
         criterion, options, alloc = CONFIGS[name]
-        options = {"perturbations": args.perturbations, **options}  # per-config rounds win
+        options = {"perturbations": args.perturbations, "spill": args.spill, **options}
         ctx = ScoringContext(model, adapter, groups, calib, args.seed, options=options)
         meter = PhaseMeter("cpu")
         rss0 = _rss()
         with meter.phase("score"):
             scores = CRITERIA[criterion](ctx)
         ratios = args.ratios if alloc == "uniform" else args.ratios_for_global
+
         if args.score_only:
             ratios = ""
             row = {"config": name, "score_wall_s": round(meter.time_s["score"], 2)}
             row["score_peak_rss_bytes"] = meter.peak_memory_bytes["score"]
             row["rss_before_score_bytes"] = rss0
             row["forward_passes"] = ctx.forward_passes
+            if args.reconstruct in ("on", "select"):  # in place: the model is not needed after
+                keep = keep_at(groups, scores, float(args.ratios.split(",")[0]), CONFIGS[name])
+                layers = sorted({g.layer for g in groups})
+                with meter.phase("reconstruct"):
+                    prune_sequential(
+                        model,
+                        adapter,
+                        calib,
+                        keep,
+                        layers,
+                        ridge=args.ridge,
+                        select=args.reconstruct == "select",
+                    )
+                row["reconstruct_wall_s"] = round(meter.time_s["reconstruct"], 2)
+                row["reconstruct_peak_rss_bytes"] = meter.peak_memory_bytes["reconstruct"]
             out["results"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
         for ratio in (float(r) for r in ratios.split(",") if r):
-            if alloc == "uniform":
-                keep = uniform(groups, scores, ratio)
-            else:
-                keep = global_ranking(
-                    groups,
-                    scores,
-                    ratio,
-                    normalize=global_normalization(criterion, options),
-                    together=alloc == "together",
-                )
+            keep = keep_at(groups, scores, ratio, CONFIGS[name])
             for recon in args.reconstruct.split(","):
                 if recon in ("on", "select"):
                     pruned = copy.deepcopy(model)

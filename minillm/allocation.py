@@ -44,11 +44,15 @@ def _normalized(score: torch.Tensor, normalize: str) -> torch.Tensor:
     raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
 
 
-def _rank_removals(groups: list[Group], scores: Scores, ratio: float, normalize: str) -> dict:
+def _rank_removals(
+    groups: list[Group], scores: Scores, ratio: float, normalize: str, per_param: bool
+) -> dict:
     """Units to remove per group index, lowest normalized score first, within a param budget."""
     items = []  # (normalized score of a removal step, group index, [unit ids])
     for gi, g in enumerate(groups):
         s = _normalized(scores[(g.layer, g.kind)], normalize)
+        if per_param:
+            s = s / g.unit_params()
         per = g.n_units // g.partitions
         order = s.view(g.partitions, per).argsort(dim=1)
         for rank in range(per - 1):
@@ -72,6 +76,7 @@ def global_ranking(
     ratio: float,
     normalize: str = "mean",
     together: bool = False,
+    per_param: bool = False,
 ) -> Keep:
     """Remove the lowest-scoring units across layers until ``ratio`` of their parameters are gone.
 
@@ -89,7 +94,7 @@ def global_ranking(
     keep = {}
     for kind in kinds:
         sub = [g for g in groups if kind is None or g.kind == kind]
-        removed = _rank_removals(sub, scores, ratio, normalize)
+        removed = _rank_removals(sub, scores, ratio, normalize, per_param)
         for gi, g in enumerate(sub):
             kept = [u for u in range(g.n_units) if u not in removed[gi]]
             keep[(g.layer, g.kind)] = torch.tensor(kept, dtype=torch.long)

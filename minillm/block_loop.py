@@ -9,15 +9,22 @@ hidden states of one boundary, ``n * seqlen * hidden`` values, whatever the dept
 A :class:`Boundary` holds, per micro-batch, the hidden states ``[b, seqlen, hidden]`` and the
 keyword arguments every decoder block receives (attention mask, rotary position embeddings,
 BLOOM's ALiBi tensor), captured once from the model's own forward.
+
+A *block source* (:class:`BlockSource`, e.g. :class:`minillm.streaming.StreamedModel`) makes
+the loop work on a model whose weights are not resident: each part is loaded right before it
+runs and released right after (``"embed"``: the embedding stage, ``i``: decoder block ``i``,
+``"head"``: final norm and LM head). With ``source=None`` everything is already resident.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -39,6 +46,27 @@ class Boundary:
         return Boundary(hidden, self.kwargs, self.tokens)
 
 
+class BlockSource(Protocol):
+    """Brings parts of a model (``"embed"``, a block index, ``"head"``) into memory and out."""
+
+    def load(self, part: int | str) -> None: ...
+
+    def release(self, part: int | str) -> None: ...
+
+
+@contextmanager
+def resident(source: BlockSource | None, part: int | str) -> Iterator[None]:
+    """``part`` of the model is in memory inside the context (no-op when ``source`` is None)."""
+    if source is None:
+        yield
+        return
+    source.load(part)
+    try:
+        yield
+    finally:
+        source.release(part)
+
+
 class _Caught(Exception):
     pass
 
@@ -51,12 +79,24 @@ def _block_kwargs(kwargs: dict) -> dict:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int) -> Boundary:
+def capture(
+    model: nn.Module,
+    adapter: Adapter,
+    tokens: torch.Tensor,
+    batch_size: int,
+    source: BlockSource | None = None,
+) -> Boundary:
     """Inputs of decoder block 0 for ``tokens`` ``[n, seqlen]`` in micro-batches of ``batch_size``.
 
     Runs the model's embedding stage and stops at the first block (a pre-hook raises after
     recording its arguments), so no block and no logits are computed.
     """
+    if adapter.per_layer_block_kwargs:
+        raise ValueError(
+            f"{adapter.name}: its layers take per-layer attention masks and RoPE, which the "
+            "block loop (--reconstruct, exact gradients) does not replay yet; use a forward-only "
+            "criterion"
+        )
     first = adapter.layers(model)[0]
     seen: dict = {}
 
@@ -65,20 +105,22 @@ def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size
         seen["kwargs"] = _block_kwargs(kwargs)
         raise _Caught
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     hidden, kwargs, ids = [], [], []
-    try:
-        for i in range(0, tokens.shape[0], batch_size):
-            batch = tokens[i : i + batch_size].to(model.device)
-            try:
-                model.base_model(input_ids=batch, use_cache=False)
-            except _Caught:
-                pass
-            hidden.append(seen["hidden"])
-            kwargs.append(seen["kwargs"])
-            ids.append(batch)
-    finally:
-        handle.remove()
+    with resident(source, "embed"):
+        device = model.get_input_embeddings().weight.device
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for i in range(0, tokens.shape[0], batch_size):
+                batch = tokens[i : i + batch_size].to(device)
+                try:
+                    model.base_model(input_ids=batch, use_cache=False)
+                except _Caught:
+                    pass
+                hidden.append(seen["hidden"])
+                kwargs.append(seen["kwargs"])
+                ids.append(batch)
+        finally:
+            handle.remove()
     return Boundary(hidden, kwargs, ids)
 
 
@@ -142,17 +184,20 @@ def sweep(
     boundary: Boundary,
     layers: range | list[int],
     visit: Callable[[int, Boundary], list[torch.Tensor] | None] | None = None,
+    source: BlockSource | None = None,
 ) -> Boundary:
     """Run ``boundary`` through the decoder blocks ``layers`` (consecutive, ascending).
 
     ``visit(layer, boundary_in)`` is called before each block; it may change the block (prune,
     refit) and may return the block's outputs itself (otherwise the block is run here). Returns
-    the boundary after the last block.
+    the boundary after the last block. With a ``source``, each block is loaded before its visit
+    and released after it ran.
     """
     blocks = adapter.layers(model)
     for i in layers:
-        out = visit(i, boundary) if visit is not None else None
-        if out is None:
-            out = run_block(blocks[i], boundary)
+        with resident(source, i):
+            out = visit(i, boundary) if visit is not None else None
+            if out is None:
+                out = run_block(blocks[i], boundary)
         boundary = boundary.with_hidden(out)
     return boundary

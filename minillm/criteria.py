@@ -71,6 +71,8 @@ class ScoringContext:
 
     ``batches`` is calibration token ids ``[n_samples, seqlen]``. ``cache`` holds what one
     criterion computed for another step (the input statistics, used by :func:`compensate`).
+    ``source``: where decoder blocks come from when the model is not resident (a block
+    source of :mod:`minillm.block_loop`; used by the block-by-block exact gradients).
     """
 
     model: nn.Module
@@ -82,6 +84,7 @@ class ScoringContext:
     forward_passes: int = 0
     tokens_forwarded: int = 0
     cache: dict = field(default_factory=dict)
+    source: object = None
 
     def option(self, name: str):
         return self.options.get(name, DEFAULT_OPTIONS[name])
@@ -181,6 +184,7 @@ def _exact_sums(ctx: ScoringContext, per_weight) -> dict:
         max(1, ctx.option("batch_size") // 2),
         reduce=reduce,
         spill=ctx.option("spill"),
+        source=ctx.source,
     )
     ctx.count(passes)
     ctx.cache.setdefault("stats", stats)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from minillm.perplexity import eval_text_names, load_eval_text, perplexity_stats, tokenize_text
-from minillm.zeroshot import TASKS, check_tasks, find_task_file
+from minillm.zeroshot import LM_CLASSES, TASKS, check_task_file, check_tasks, find_task_file
 
 DEFAULT_SEQLEN = 2048
 BASE = "base"  # --speed-reference without a value: the pruned model's recorded base model
@@ -47,6 +47,7 @@ class EvalConfig:
     tasks: list[str]
     task_data_dir: str | None
     limit: int | None
+    lm_eval_model: str
     generate: bool
     prompts: list[str]
     max_new_tokens: int
@@ -95,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"window length; default min({DEFAULT_SEQLEN}, the model's max_position_embeddings)",
     )
     p.add_argument("--max-tokens", type=int, help="use only the first N test tokens")
-    p.add_argument("--batch-size", type=int, default=1, help="windows / lm-eval requests per step")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="perplexity windows per step; zero-shot: HFLM requests per step, or for the "
+        "minillm class units of 1,024 input tokens packed per forward",
+    )
     p.add_argument(
         "--tasks", default="", help=f"comma-separated zero-shot tasks: {','.join(TASKS)} or 'all'"
     )
@@ -105,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset's format) instead of the hub",
     )
     p.add_argument("--limit", type=int, help="at most N examples per zero-shot task")
+    p.add_argument(
+        "--lm-eval-model",
+        default="minillm",
+        choices=LM_CLASSES,
+        help="lm-eval model class: 'minillm' (each question's context runs once for all its "
+        "choices; default) or 'hf' (lm-eval's HFLM, one forward per choice)",
+    )
     p.add_argument("--generate", action="store_true", help="print greedy and sampled samples")
     p.add_argument(
         "--prompt",
@@ -170,8 +184,8 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
             parser.error(f"--task-data-dir: no such directory '{args.task_data_dir}'")
         for task in tasks:
             try:
-                find_task_file(args.task_data_dir, task)
-            except FileNotFoundError as err:
+                check_task_file(task, find_task_file(args.task_data_dir, task))
+            except (FileNotFoundError, ValueError) as err:
                 parser.error(str(err))
     for flag in ("seqlen", "max_tokens", "batch_size", "limit", "max_new_tokens"):
         value = getattr(args, flag)
@@ -200,6 +214,7 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         tasks=tasks,
         task_data_dir=args.task_data_dir,
         limit=args.limit,
+        lm_eval_model=args.lm_eval_model,
         generate=args.generate,
         prompts=args.prompts,
         max_new_tokens=args.max_new_tokens,
@@ -252,6 +267,7 @@ def evaluate(cfg: EvalConfig, model: torch.nn.Module, tokenizer) -> dict:
             batch_size=cfg.batch_size,
             limit=cfg.limit,
             verbose=not cfg.quiet,
+            lm_class=cfg.lm_eval_model,
         )
         for task, metrics in scores.items():
             for metric, value in metrics.items():
@@ -303,7 +319,7 @@ def speed(cfg: EvalConfig, model: torch.nn.Module) -> dict:
 def format_table(results: dict) -> str:
     """Human-readable table of the results (one metric/key/value row each)."""
     rows = [("metric", "on", "value")]
-    for metric in ("ppl", "ppl_tokens", "acc", "acc_norm"):
+    for metric in ("ppl", "ppl_tokens", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"):
         for key, value in results.get(metric, {}).items():
             rows.append((metric, key, f"{value:.4f}" if isinstance(value, float) else str(value)))
     for metric in ("speed", "speed_reference", "speed_ratio"):

@@ -16,10 +16,12 @@ from torch import nn
 from minillm.activations import InputStats, collected_stats, sequence_losses
 from minillm.adapters import Adapter, Group, adapter_for
 from minillm.block_loop import (
+    BlockSource,
     Boundary,
     HiddenStore,
     block_output,
     capture,
+    resident,
     run_block,
     sequence_losses_from_hidden,
 )
@@ -80,6 +82,7 @@ def weight_gradients(
     batch_size: int = 4,
     reduce: Callable[[nn.Linear, torch.Tensor, InputStats], object] | None = None,
     spill: bool = False,
+    source: BlockSource | None = None,
 ) -> tuple[dict, int, dict[nn.Linear, InputStats]]:
     """``dL/dW`` of each linear over ``tokens`` ``[n, seqlen]``, one decoder block at a time.
 
@@ -90,7 +93,8 @@ def weight_gradients(
     step; ``reduce(linear, grad [out, in] float32, input_stats)`` turns each into what the caller
     keeps (the gradient itself by default) before the next block, so one block's gradients live
     at a time. Blocks below the lowest listed linear are never backpropagated. The linears'
-    input statistics are reduced during the forward sweep.
+    input statistics are reduced during the forward sweep. With a ``source``
+    (:mod:`minillm.block_loop`) each block is loaded for its forward and again for its backward.
 
     Returns ``({linear: reduce(linear, grad)}, forward_passes, {linear: InputStats})``.
     """
@@ -101,22 +105,26 @@ def weight_gradients(
     lowest = min(layer_of.values())
     reduce = reduce or (lambda lin, g, st: g)
     n = tokens.shape[0]
-    boundary = capture(model, adapter, tokens, batch_size)
+    boundary = capture(model, adapter, tokens, batch_size, source)
+    device = boundary.hidden[0].device
     results: dict = {}
     with HiddenStore(spill) as store, _only_grad(model, []):
         with torch.no_grad(), collected_stats(linears) as stats:
             for i in range(len(blocks)):
                 if i >= lowest:
                     store.put(i, boundary.hidden)
-                boundary = boundary.with_hidden(run_block(blocks[i], boundary))
-        grads = _output_gradients(model, adapter, boundary, n)
+                with resident(source, i):
+                    boundary = boundary.with_hidden(run_block(blocks[i], boundary))
+        with resident(source, "head"):
+            grads = _output_gradients(model, adapter, boundary, n)
         for i in reversed(range(lowest, len(blocks))):
             own = [lin for lin in linears if layer_of[lin] == i]
-            inputs = boundary.with_hidden(store.get(i, tokens.device))
-            grads = _block_backward(blocks[i], inputs, grads, own, need_input_grad=i > lowest)
-            for lin in own:
-                results[lin] = reduce(lin, lin.weight.grad.float(), stats[lin])
-                lin.weight.grad = None
+            inputs = boundary.with_hidden(store.get(i, device))
+            with resident(source, i):
+                grads = _block_backward(blocks[i], inputs, grads, own, need_input_grad=i > lowest)
+                for lin in own:
+                    results[lin] = reduce(lin, lin.weight.grad.float(), stats[lin])
+                    lin.weight.grad = None
     return results, 2 * len(boundary.hidden), stats
 
 

@@ -20,21 +20,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from minillm import modeling_minillm
 from minillm.adapters import adapter_for
 from minillm.models import parse_dtype
+from minillm.shards import DEFAULT_SHARD_BYTES, check_shards, load_sharded, save_sharded
 from minillm.surgery import layer_records, resize_to_records
 
 PRUNED_MODEL_TYPE = modeling_minillm.MODEL_TYPE
-WEIGHTS = "model.safetensors"
 MODELING_FILE = Path(modeling_minillm.__file__).name
 
 
+class OutputError(ValueError):
+    """The output directory cannot be written (names ``--out``, not a temporary path)."""
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
-    """FileExistsError unless ``path`` is absent, empty, or ``overwrite`` is set."""
+    """FileExistsError unless ``path`` is absent, empty, or ``overwrite`` is set; OutputError
+    if it cannot be created (its nearest existing ancestor is not a writable directory)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out: '{path}' exists and is not a directory")
@@ -42,19 +46,34 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
         raise FileExistsError(
             f"--out: '{path}' exists and is not empty; pass --overwrite or choose another path"
         )
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out: cannot create '{path}': '{parent}' is not a writable directory")
 
 
 @contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds."""
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds.
+
+    An OSError while creating or filling it (no permission, disk full) removes it and is raised
+    as :class:`OutputError` naming ``--out``.
+    """
     path = Path(path)
     check_output_dir(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise OutputError(f"--out: cannot create '{path}': {err.strerror or err}") from None
     try:
         yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"--out: writing '{path}' failed: {err.strerror or err}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -141,8 +160,16 @@ def _add_missing_biases(model: PreTrainedModel, state: dict[str, torch.Tensor]) 
             module.bias = torch.nn.Parameter(torch.zeros_like(value))
 
 
-def save_pruned(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -> dict:
-    """Write config.json, model.safetensors and the tokenizer into ``out_dir``.
+def save_pruned(
+    model: PreTrainedModel,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    write_weights: bool = True,
+) -> dict:
+    """Write config.json, the weights (:mod:`minillm.shards`: ``model.safetensors``, or shards
+    of at most ``max_shard_bytes`` plus an index) and the tokenizer into ``out_dir``.
+    ``write_weights=False``: the caller wrote them (a streamed run; ``model`` may be on meta).
 
     Returns the config dict that was written (see module docstring for its two forms).
     """
@@ -157,7 +184,8 @@ def save_pruned(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike) -
     else:
         config = _remote_code_config(base, records, state)
         shutil.copyfile(modeling_minillm.__file__, out_dir / MODELING_FILE)
-    save_file(state, out_dir / WEIGHTS, metadata={"format": "pt"})
+    if write_weights:
+        save_sharded(state, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
@@ -175,6 +203,7 @@ def load_pruned(
     config = json.loads(config_file.read_text())
     torch_dtype = parse_dtype(dtype) if dtype else None
     if config.get("model_type") != PRUNED_MODEL_TYPE:
+        check_shards(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto")
         return model.to(device).eval()
     base = _dense_config(config)
@@ -182,14 +211,13 @@ def load_pruned(
     model = AutoModelForCausalLM.from_config(base_config, dtype=torch_dtype or torch.float32)
     adapter = adapter_for(model)
     resize_to_records(model, adapter, config["minillm"]["layers"])
-    state = load_file(path / WEIGHTS)
+    state = load_sharded(path)
     _add_missing_biases(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if _is_tied(model, k, state)}
     if set(missing) - tied or unexpected:
         raise ValueError(
-            f"'{path / WEIGHTS}' does not match its config: missing {missing}, "
-            f"unexpected {unexpected}"
+            f"'{path}': weights do not match its config: missing {missing}, unexpected {unexpected}"
         )
     model.tie_weights()
     return model.to(device).eval()

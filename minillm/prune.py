@@ -62,7 +62,9 @@ class PruneConfig:
     dist: str
     batch_size: int
     compensate: bool
+    spill: bool
     reconstruct: bool
+    select: str
     ridge: float
     rank_together: bool
     round_to: str | None
@@ -72,6 +74,8 @@ class PruneConfig:
     out: str
     overwrite: bool
     quiet: bool
+    offload: bool = False
+    resume: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,11 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, help="SPSA perturbation size (default per variant)")
     p.add_argument("--dist", choices=["rademacher", "gaussian"], default="rademacher")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per scoring forward")
+    p.add_argument(
+        "--spill",
+        action="store_true",
+        help="exact gradients: keep each block's inputs in a temporary directory, not in memory",
+    )
     p.add_argument("--compensate", action="store_true", help="fold removed means into biases")
     p.add_argument(
         "--reconstruct",
         action="store_true",
         help="refit the consumers of removed units by least squares, layer by layer (bottom-up)",
+    )
+    p.add_argument(
+        "--select",
+        choices=["scores", "refit"],
+        default="scores",
+        help="--reconstruct: which units each layer loses: the criterion's lowest scores, or "
+        "those whose removal the refit recovers best (greedy OBS on the layer's Gram)",
     )
     p.add_argument(
         "--ridge", type=float, default=1e-4, help="--reconstruct: ridge, x mean Gram diagonal"
@@ -165,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no logs or progress bars")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="stream one decoder block at a time from the checkpoint (automatic when the "
+        "weights exceed half the free memory; see minillm/streaming.py)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="streamed runs: continue a killed run of the same command from its checkpoint",
+    )
     return p
 
 
@@ -288,6 +315,10 @@ def library_versions() -> dict[str, str]:
 def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
     validate(cfg)
+    from minillm import streaming
+
+    if streaming.should_stream(cfg):
+        return streaming.run(cfg)
     meter = PhaseMeter(cfg.device)
     # transformers' GGUF de-quantization bar cannot be switched off: swallow it under --quiet
     silence = contextlib.redirect_stderr(io.StringIO()) if cfg.quiet else contextlib.nullcontext()
@@ -321,7 +352,15 @@ def run(cfg: PruneConfig) -> dict:
         prunable_removed = prunable - prunable_params(groups, keep)
         if cfg.reconstruct:
             prune_sequential(
-                model, adapter, batches, keep, layers, cfg.gqa, cfg.batch_size, cfg.ridge
+                model,
+                adapter,
+                batches,
+                keep,
+                layers,
+                cfg.gqa,
+                cfg.batch_size,
+                cfg.ridge,
+                select=cfg.select == "refit",
             )
         else:
             if cfg.compensate:

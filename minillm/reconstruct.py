@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from minillm.adapters import Adapter
-from minillm.block_loop import Boundary, capture, run_block, sweep
+from minillm.block_loop import BlockSource, Boundary, capture, run_block, sweep
 from minillm.surgery import prune_layer
 
 log = logging.getLogger("minillm")
@@ -241,12 +241,14 @@ def prune_sequential(
     batch_size: int = 8,
     ridge: float = 1e-4,
     select: bool = False,
+    source: BlockSource | None = None,
 ) -> None:
     """Prune ``layers`` bottom-up to the kept units ``keep`` (as :func:`minillm.surgery.prune_layer`
     would), refitting each consumer on the calibration ``tokens`` ``[n, seqlen]`` as they reach
     the layer through the already-pruned layers below it. ``select=True``: ``keep`` gives only
-    how many units each layer keeps; which ones is decided by :func:`select_removals`."""
-    boundary = capture(model, adapter, tokens, batch_size)
+    how many units each layer keeps; which ones is decided by :func:`select_removals`.
+    ``source``: blocks loaded and released one at a time (:mod:`minillm.block_loop`)."""
+    boundary = capture(model, adapter, tokens, batch_size, source)
     top = max(layers)
 
     def visit(i: int, inputs: Boundary):
@@ -257,4 +259,4 @@ def prune_sequential(
                     prune_and_refit(model, adapter, i, kind, units, inputs, gqa, ridge, select)
         return run_block(adapter.layers(model)[i], inputs)
 
-    sweep(model, adapter, boundary, range(top + 1), visit)
+    sweep(model, adapter, boundary, range(top + 1), visit, source=source)

@@ -1,18 +1,21 @@
-"""``python -m minillm.recover DIR --out OUT``: LoRA recovery of a pruned model, with optional KD.
+"""``python -m minillm.recover DIR --out OUT``: LoRA recovery of a pruned model by distillation.
 
-Trains LoRA adapters (peft) on instruction data, plain text, or text the model writes itself
-(``--data self``), optionally distilling the dense teacher's logits (``--teacher``, KL on the
-next-token distributions), then merges the adapters and saves a plain model in the same format
-as the pruned one (per-layer sizes and report kept; the loss curve is added to ``report.json``).
-Defaults follow LLM-Pruner / MINI-LLM: rank 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs,
-sequences of 256 tokens, every linear projection of the decoder layers.
+The default needs no data: the dense model the pruned one came from (recorded in its
+``report.json``; ``--teacher`` overrides, ``--teacher none`` turns distillation off) writes
+``--self-samples`` sequences, and LoRA adapters (peft) on every linear projection of the
+decoder are trained to match its next-token distributions on them (KL on the full vocabulary,
+teacher logits computed on the fly). Instruction data, plain text or a ``datasets`` name can be
+given with ``--data`` instead (then the loss mixes CE and KL, ``--kd-weight``). The adapters are
+merged and the model saved in the same format as the pruned one (per-layer sizes and report
+kept; the loss curve and the budget are added to ``report.json``).
 
 A killed run resumes from ``--work-dir`` (default ``OUT.work``) with ``--resume``.
 
 Example::
 
+    python -m minillm.recover out/pruned --max-steps 200 --out out/recovered
     python -m minillm.recover out/pruned --data ../shared/data/wikitext2/valid.txt \\
-        --max-steps 200 --out out/recovered
+        --teacher none --max-steps 200 --out out/recovered-lora
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ ALPACA_PROMPT = (
 )
 CHECKPOINT = "checkpoint.pt"
 SELF_DATA = "self_data.jsonl"
+TEACHER_HINT = "pass --teacher DIR (or 'embedded'), or --teacher none to train without one"
 
 
 @dataclass
@@ -51,22 +55,22 @@ class RecoverConfig:
     out: str
     gguf_file: str | None = None
     data: str = "self"
-    teacher: str | None = None
-    kd_weight: float = 0.5
+    teacher: str | None = None  # None: the dense model of report.json; "none": no KD
+    kd_weight: float = 1.0
     kd_temperature: float = 1.0
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 16
+    alpha: float = 32.0
     dropout: float = 0.05
     target_modules: list[str] | None = None
-    lr: float = 1e-4
+    lr: float = 5e-4
     warmup_ratio: float = 0.05
     epochs: int = 2
     max_steps: int | None = None
-    batch_size: int = 4
+    batch_size: int = 8
     grad_accum: int = 1
-    seqlen: int = 256
+    seqlen: int = 128
     max_samples: int | None = None
-    self_samples: int = 64
+    self_samples: int = 256
     save_every: int = 50
     work_dir: str | None = None
     resume: bool = False
@@ -103,7 +107,7 @@ def alpaca_text(row: dict) -> str:
 def records_to_texts(rows: list[dict], source: str) -> list[str]:
     """Alpaca records (``instruction``/``input``/``output``) or ``text`` records to texts."""
     if not rows:
-        raise ValueError(f"--data: {source} holds no records")
+        raise ValueError(f"--data: {source} is empty (no training records)")
     if all("instruction" in r and "output" in r for r in rows):
         return [alpaca_text(r) for r in rows]
     if all("text" in r for r in rows):
@@ -123,7 +127,10 @@ def load_training_texts(data: str) -> tuple[list[str], bool]:
     if path.is_file():
         if path.suffix in (".json", ".jsonl"):
             return records_to_texts(_read_records(path), str(path)), False
-        return [path.read_text(encoding="utf-8")], True
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"--data: {path} is empty (no training text)")
+        return [text], True
     if path.suffix in (".json", ".jsonl", ".txt", ".raw") or os.sep in data or path.exists():
         raise FileNotFoundError(
             f"--data: no such file '{data}' (give a JSON/JSONL/text file, "
@@ -307,7 +314,8 @@ def train(
     """LoRA training loop; checkpoints into ``work`` every ``save_every`` steps.
 
     Returns the loss curve: one dict per optimizer step (``step``, ``loss``, ``ce``[, ``kl``],
-    ``lr``), losses averaged over the step's micro-batches, in nats per token.
+    ``lr``, ``tokens`` trained on), losses averaged over the step's micro-batches, in nats per
+    token.
     """
     steps, epochs = total_steps(len(examples), cfg)
     order = batch_order(len(examples), cfg.batch_size, epochs, cfg.seed)
@@ -325,8 +333,10 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, float] = {}
+        tokens = 0
         for micro in range(cfg.grad_accum):
             rows = order[(step * cfg.grad_accum + micro) % len(order)]
+            tokens += sum(len(examples[i]) for i in rows)
             batch = {
                 k: v.to(device) for k, v in collate([examples[i] for i in rows], pad_id).items()
             }
@@ -348,7 +358,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        curve.append({"step": step + 1, **sums, "lr": lr})
+        curve.append({"step": step + 1, **sums, "lr": lr, "tokens": tokens})
         bar.set_postfix(loss=f"{sums['loss']:.3f}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
             save_checkpoint(work, peft_model, optimizer, step + 1, curve)
@@ -372,21 +382,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default=d.data,
-        help="'self' (text the model, or --teacher, "
+        help="'self' (text the teacher, or without one the model, "
         "writes), a JSON/JSONL file (Alpaca instruction/input/output, or text), "
         "a text file, or a datasets name (e.g. yahma/alpaca-cleaned)",
     )
     p.add_argument(
         "--teacher",
-        help="dense teacher for KL distillation on logits: a model "
-        "dir / hub id, or 'embedded' for the embedded SmolLM2 GGUF",
+        help="dense teacher for KL distillation on logits: a model dir / hub id, 'embedded' "
+        "(the embedded SmolLM2 GGUF) or 'none'; default: the dense model recorded in "
+        "MODEL/report.json",
     )
     p.add_argument("--teacher-gguf-file", help="GGUF file name inside --teacher")
     p.add_argument(
         "--kd-weight",
         type=float,
         default=d.kd_weight,
-        help="loss = (1-w)*CE + w*KL(teacher||student); only with --teacher",
+        help="loss = (1-w)*CE + w*KL(teacher||student); only with a teacher",
     )
     p.add_argument("--kd-temperature", type=float, default=d.kd_temperature)
     p.add_argument("--rank", type=int, default=d.rank)
@@ -470,6 +481,52 @@ def training_examples(cfg: RecoverConfig, model, teacher, tokenizer, work: Path)
     return ids[: cfg.max_samples] if cfg.max_samples else ids
 
 
+def recorded_teacher(model_dir: str) -> tuple[str | None, str | None]:
+    """(model, gguf_file) of the dense model ``model_dir`` was pruned from, per its report.json.
+
+    ``model`` None means the embedded SmolLM2 GGUF. FileNotFoundError/ValueError when no
+    report or no dense model is recorded.
+    """
+    path = Path(model_dir) / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--teacher: no {path} records the dense model {model_dir} was pruned from; "
+            f"{TEACHER_HINT}"
+        )
+    config = json.loads(path.read_text()).get("config") or {}
+    if "model" not in config:
+        raise ValueError(f"--teacher: {path} records no dense model (config.model); {TEACHER_HINT}")
+    return config["model"], config.get("gguf_file")
+
+
+def load_teacher(cfg: RecoverConfig, gguf_file: str | None, vocab_size: int):
+    """The dense teacher (eval mode, float32) and its description, or (None, None)."""
+    from minillm.models import load_model
+
+    if cfg.teacher == "none":
+        return None, None
+    if cfg.teacher is None:
+        name, gguf_file = recorded_teacher(cfg.model)
+        source = f"the dense model recorded in {Path(cfg.model) / 'report.json'}"
+    else:
+        name = None if cfg.teacher == "embedded" else cfg.teacher
+        source = "--teacher"
+    try:
+        teacher, _ = load_model(name, gguf_file, "float32", cfg.device)
+    except (OSError, ValueError) as err:
+        shown = name or "the embedded SmolLM2 GGUF"
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FileNotFoundError(
+            f"--teacher: cannot load {source}, '{shown}' ({first}); {TEACHER_HINT}"
+        ) from err
+    if teacher.config.vocab_size != vocab_size:
+        raise ValueError(
+            f"--teacher: vocabulary {teacher.config.vocab_size} differs from the model's "
+            f"{vocab_size}"
+        )
+    return teacher, name or "embedded"
+
+
 def run(cfg: RecoverConfig, teacher_gguf_file: str | None = None) -> dict:
     """Load, train LoRA, merge and save into ``cfg.out``; returns the report written there."""
     from minillm.io import atomic_output_dir, save_pruned
@@ -477,19 +534,13 @@ def run(cfg: RecoverConfig, teacher_gguf_file: str | None = None) -> dict:
 
     validate(cfg)
     torch.manual_seed(cfg.seed)
-    start_time = time.perf_counter()
+    start_time, start_cpu = time.perf_counter(), time.process_time()
     model, tokenizer = load_model(cfg.model, cfg.gguf_file, "float32", cfg.device)
-    teacher = None
-    if cfg.teacher is not None:
-        name = None if cfg.teacher == "embedded" else cfg.teacher
-        teacher, _ = load_model(name, teacher_gguf_file, "float32", cfg.device)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise ValueError(
-                f"--teacher: vocabulary {teacher.config.vocab_size} differs from the model's "
-                f"{model.config.vocab_size}"
-            )
+    teacher, teacher_name = load_teacher(cfg, teacher_gguf_file, model.config.vocab_size)
     work = Path(cfg.work_dir) if cfg.work_dir else Path(f"{cfg.out.rstrip(os.sep)}.work")
+    data_start = time.perf_counter()
     examples = training_examples(cfg, model, teacher, tokenizer, work)
+    data_time = time.perf_counter() - data_start
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     work.mkdir(parents=True, exist_ok=True)
     peft_model = add_lora(model, cfg)
@@ -498,13 +549,17 @@ def run(cfg: RecoverConfig, teacher_gguf_file: str | None = None) -> dict:
     report = _base_report(cfg.model)
     report["recovery"] = {
         "config": dataclasses.asdict(cfg),
+        "teacher": teacher_name,
         "examples": len(examples),
         "tokens_per_epoch": sum(len(e) for e in examples),
+        "tokens_trained": sum(c["tokens"] for c in curve),
+        "data_time_s": data_time,
         "steps": len(curve),
         "first_loss": curve[0]["loss"] if curve else None,
         "final_loss": curve[-1]["loss"] if curve else None,
         "loss_curve": curve,
         "time_s": time.perf_counter() - start_time,
+        "cpu_time_s": time.process_time() - start_cpu,  # all threads of this process
     }
     with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         save_pruned(merged, tokenizer, tmp)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, OPTConfig
+from transformers import AutoModelForCausalLM, BloomConfig, Gemma3TextConfig, LlamaConfig, OPTConfig
 
 VOCAB = 128
 
@@ -26,10 +26,22 @@ def tiny_config(family: str, **overrides):
     if family == "bloom":
         sizes.pop("max_position_embeddings")
         return BloomConfig(**{**sizes, "n_layer": 3, "n_head": 8, **overrides})
+    if family == "gemma3":  # 4 heads of 24 (96 != 64 wide), a sliding window of 4 tokens
+        kwargs = dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            query_pre_attn_scalar=24,
+            intermediate_size=96,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+        return Gemma3TextConfig(**{**sizes, **kwargs, **overrides})
     raise ValueError(family)
 
 
 FAMILIES = ["llama-mha", "llama-gqa", "opt", "bloom"]
+EXTRA_FAMILIES = ["gemma3"]  # tested by their own modules (tests/test_gemma3.py)
 
 
 def make_tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -39,6 +51,9 @@ def make_tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0, 0.02)
+        for name, param in model.named_parameters():  # Gemma's RMSNorms start at zero
+            if family == "gemma3" and "norm" in name:
+                param.normal_(0, 0.5)
     return model.eval()
 
 

@@ -86,3 +86,21 @@ def test_normalized_ranking_ignores_a_layer_scale(normalize):
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = global_ranking(groups, scaled, 0.4, normalize="none")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_per_param_ranking_charges_each_unit_its_parameters():
+    """Heads score 10 and channels 1, but a head holds 21x a channel's parameters: per
+    parameter the heads are cheaper to remove; per unit the channels are."""
+    groups = _groups("llama-mha")
+    heads = [g for g in groups if g.kind == "heads"]
+    channels = [g for g in groups if g.kind == "channels"]
+    assert heads[0].unit_params() > 10 * channels[0].unit_params()
+    scores = {
+        (g.layer, g.kind): torch.full((g.n_units,), 10.0 if g.kind == "heads" else 1.0)
+        for g in groups
+    }
+    per_unit = global_ranking(groups, scores, 0.1, normalize="none", together=True)
+    per_param = global_ranking(groups, scores, 0.1, normalize="none", together=True, per_param=True)
+    assert all(len(per_unit[(g.layer, "heads")]) == g.n_units for g in heads)
+    assert all(len(per_param[(g.layer, "channels")]) == g.n_units for g in channels)
+    assert any(len(per_param[(g.layer, "heads")]) < g.n_units for g in heads)

@@ -169,3 +169,42 @@ def test_every_data_criterion_prunes_from_a_calibration_file(
 
     reloaded = minillm.load_pruned(out)
     assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "bloom"])
+def test_reconstruct_output_reloads_with_refit_biases(tiny_model_dir, calib_file, tmp_path):
+    """--reconstruct saves refit consumers (with a bias, created where the family has none) that
+    reload and differ from the plain prune of the same kept units."""
+    import torch
+
+    import minillm
+    from minillm.adapters import adapter_for
+
+    out = tmp_path / "pruned"
+    args = ["--model", tiny_model_dir, "--criterion", "wanda-sp", "--calib", calib_file]
+    args += ["--nsamples", "6", "--seqlen", "16", "--layers", "1-2", "--ratio", "0.3"]
+    assert run_cli(*args, "--reconstruct", "--out", out) == 0
+    model = minillm.load_pruned(out)
+    adapter = adapter_for(model)
+    for layer in (1, 2):
+        groups = adapter.groups(model, layer)
+        assert all(g.consumers[0].linear.bias is not None for g in groups.values())
+    masked = tmp_path / "masked"
+    assert run_cli(*args, "--out", masked) == 0
+    plain = minillm.load_pruned(masked)
+    # LLaMA gains o_proj and down_proj biases in layers 1 and 2; BLOOM has them already
+    added = 0 if plain.config.model_type == "bloom" else 4 * model.config.hidden_size
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == sum(p.numel() for p in plain.parameters()) + added
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, plain(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa"])
+def test_compensate_with_reconstruct_is_refused(tiny_model_dir, tmp_path, capsys):
+    rc = run_cli(
+        "--model", tiny_model_dir, "--reconstruct", "--compensate", "--out", tmp_path / "o"
+    )
+    assert rc == 2
+    assert "--compensate" in capsys.readouterr().err

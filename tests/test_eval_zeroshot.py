@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny_lm import byte_tokenizer, tiny_model
+from conftest import random_text, tiny_tokenizer
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
 
-from minillm.zeroshot import TASKS, check_tasks, zero_shot
+from minillm.zeroshot import TASKS, check_task_file, check_tasks, make_lm, run_tasks, zero_shot
+from minillm.zeroshot_lm import SharedPrefixLM
 
 TASK_DATA = Path(__file__).parent / "data" / "zeroshot"
 
@@ -86,7 +90,81 @@ def test_lm_eval_accuracy_equals_independent_loglikelihood_argmax(
     task, model_and_tokenizer, lm_eval_results
 ):
     model, tokenizer = model_and_tokenizer
-    assert lm_eval_results[task] == reference_accuracy(model, tokenizer, task)
+    expected = reference_accuracy(model, tokenizer, task)
+    assert {m: lm_eval_results[task][m] for m in expected} == expected
+    assert lm_eval_results[task]["n"] == 2
+
+
+@pytest.fixture(scope="module")
+def per_request(model_and_tokenizer):
+    """lm-eval's logged (log-likelihood, is_greedy) of every request: HFLM and the fast class."""
+    model, tokenizer = model_and_tokenizer
+    out = {}
+    for name in ("hf", "minillm"):
+        lm = make_lm(model, tokenizer, name, batch_size=3)
+        samples = run_tasks(lm, list(TASKS), TASK_DATA, log_samples=True)["samples"]
+        out[name] = {
+            task: [(s["doc_id"], s["resps"]) for s in rows] for task, rows in samples.items()
+        }
+    return out
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_shared_prefix_requests_equal_hflm_on_every_task_format(task, per_request):
+    ref, got = per_request["hf"][task], per_request["minillm"][task]
+    assert [d for d, _ in got] == [d for d, _ in ref] and len(ref) == 2
+    for (_, ref_resps), (_, got_resps) in zip(ref, got, strict=True):
+        assert len(got_resps) == len(ref_resps) >= 2
+        for [(ll_ref, greedy_ref)], [(ll, greedy)] in zip(ref_resps, got_resps, strict=True):
+            assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4)
+            assert greedy == greedy_ref
+
+
+def _requests(model, tokenizer) -> list[Instance]:
+    """Documents of 1-4 choices over the word vocabulary: shared and unshared prefixes, an
+    empty context, one-token answers, a continuation longer than the context, a greedy
+    continuation, and inputs longer than max_length (left-truncated)."""
+    docs = []
+    for doc in range(6):
+        ctx = random_text(3 + 5 * doc, seed=doc)
+        conts = [" " + random_text(1 + (doc + k) % 4, seed=100 + 10 * doc + k) for k in range(4)]
+        docs.append([(ctx, c) for c in conts[: 1 + doc % 4]])
+    docs.append([("", " " + random_text(3, seed=7)), ("", " " + random_text(2, seed=8))])
+    ctx = random_text(6, seed=9)
+    docs.append([(ctx + " w1", " w2 w3"), (ctx + " w2", " w2 w3")])  # winogrande-like
+    docs.append([(ctx, " w7"), (ctx, " w8")])  # boolq-like: one-token answers
+    ids = torch.tensor([tokenizer(ctx).input_ids])
+    greedy = []
+    with torch.no_grad():
+        for _ in range(3):
+            greedy.append(
+                model(
+                    torch.cat([ids, torch.tensor([greedy], dtype=torch.long)], 1) if greedy else ids
+                )
+                .logits[0, -1]
+                .argmax()
+                .item()
+            )
+    docs.append([(ctx, " " + tokenizer.decode(greedy)), (ctx, " w4 w5 w6")])
+    return [
+        Instance("loglikelihood", {}, args, k, metadata=("toy", doc_id, 1))
+        for doc_id, doc in enumerate(docs)
+        for k, args in enumerate(doc)
+    ]
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 40, 4096])  # one question per batch .. all
+def test_shared_prefix_loglikelihoods_equal_hflm_on_tiny_models(tiny_model, family, batch_tokens):
+    tokenizer = tiny_tokenizer()
+    requests = _requests(tiny_model, tokenizer)
+    kwargs = dict(pretrained=tiny_model, tokenizer=tokenizer, max_length=24)
+    ref = HFLM(**kwargs, batch_size=3).loglikelihood(requests, disable_tqdm=True)
+    lm = SharedPrefixLM(**kwargs, batch_size=1, batch_tokens=batch_tokens)
+    got = lm.loglikelihood(requests, disable_tqdm=True)
+    assert any(greedy for _, greedy in ref)  # the greedy continuation is recognised
+    for (ll_ref, greedy_ref), (ll, greedy) in zip(ref, got, strict=True):
+        assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4)
+        assert greedy == greedy_ref
 
 
 def test_unknown_task_error_lists_valid_tasks():
@@ -98,3 +176,25 @@ def test_missing_local_task_file_is_named(tmp_path, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(FileNotFoundError, match="no data for task piqa; expected piqa.jsonl"):
         zero_shot(model, tokenizer, ["piqa"], task_data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("task", "row", "message"),
+    [
+        ("piqa", {"goal": "g", "sol1": "a", "label": 0}, "missing field 'sol2'"),
+        ("piqa", {"goal": "g", "sol1": "a", "sol2": "b", "label": 2}, "field 'label' is 2, not"),
+        ("winogrande", {"sentence": "a _ b", "option1": "x", "option2": "y", "answer": "3"},
+         "field 'answer' is '3'"),
+        ("arc_easy", {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+                      "answerKey": "E"}, "field 'answerKey' is 'E', not one of its 2 choices"),
+        ("hellaswag", {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "label": "0"},
+         "missing field 'endings'"),
+    ],
+)  # fmt: skip
+def test_bad_task_rows_are_one_line_errors_naming_file_and_field(tmp_path, task, row, message):
+    good = json.loads((TASK_DATA / f"{task}.jsonl").read_text().splitlines()[0])
+    path = tmp_path / f"{task}.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=f"^--task-data-dir: {path}: row 2: {message}") as err:
+        check_task_file(task, path)
+    assert "\n" not in str(err.value)

@@ -57,6 +57,8 @@ def recover_args(pruned_dir, text_file, out, *extra):
         "--quiet",
         "--device",
         "cpu",
+        "--teacher",
+        "none",
         *extra,
     ]
 
@@ -168,3 +170,74 @@ def test_kd_loss_is_kl_of_teacher_to_student_on_labelled_tokens():
     assert parts["kl"] == pytest.approx(torch.stack(kls).mean().item(), rel=1e-5)
     _, same = recovery_loss(student, labels, student.clone(), kd_weight=1.0)
     assert same["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture
+def dense_and_pruned(tmp_path):
+    """A tiny dense model dir and a model pruned from it whose report.json records it."""
+    dense = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(dense)
+    byte_tokenizer().save_pretrained(dense)
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    save_pruned(pruned_tiny(), byte_tokenizer(), pruned)
+    report = {"criterion": "flap", "config": {"model": str(dense), "gguf_file": None}}
+    (pruned / "report.json").write_text(json.dumps(report))
+    return dense, pruned
+
+
+def test_default_distills_from_the_dense_model_recorded_in_the_report(dense_and_pruned, tmp_path):
+    dense, pruned = dense_and_pruned
+    out = tmp_path / "recovered"
+    work = tmp_path / "work"
+    argv = [str(pruned), "--out", str(out), "--self-samples", "4", "--seqlen", "16"]
+    argv += ["--batch-size", "2", "--max-steps", "2", "--work-dir", str(work), "--quiet"]
+    assert main(argv) == 0
+    rec = json.loads((out / "report.json").read_text())["recovery"]
+    assert rec["teacher"] == str(dense)
+    assert rec["tokens_trained"] == 2 * 2 * 16
+    # pure distillation by default: the loss is the KL, not the CE
+    assert all(
+        c["loss"] == pytest.approx(c["kl"]) and c["kl"] != c["ce"] for c in rec["loss_curve"]
+    )
+    # the training text is the teacher's: seeded sampling from the dense model reproduces it
+    from minillm.data import self_generated
+
+    trained_on = [json.loads(line) for line in (work / "self_data.jsonl").read_text().splitlines()]
+    teacher_text = self_generated(tiny_model("llama"), byte_tokenizer(), 4, 16, 0).tolist()
+    student_text = self_generated(pruned_tiny(), byte_tokenizer(), 4, 16, 0).tolist()
+    assert trained_on == teacher_text != student_text
+
+
+def test_missing_recorded_teacher_is_one_line_error(dense_and_pruned, tmp_path, capsys):
+    dense, pruned = dense_and_pruned
+    for path in dense.iterdir():
+        path.unlink()
+    dense.rmdir()
+    assert main([str(pruned), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m minillm.recover: error: --teacher: cannot load the dense ")
+    assert str(dense) in err and "--teacher none" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_report_and_no_teacher_is_one_line_error(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    tiny_model("llama").save_pretrained(plain)
+    byte_tokenizer().save_pretrained(plain)
+    assert main([str(plain), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"python -m minillm.recover: error: --teacher: no {plain / 'report.json'} records the "
+        f"dense model {plain} was pruned from; pass --teacher DIR (or 'embedded'), "
+        "or --teacher none to train without one"
+    )
+
+
+def test_empty_training_text_is_one_line_error_naming_the_file(pruned_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(recover_args(pruned_dir, empty, tmp_path / "r")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m minillm.recover: error: --data: {empty} is empty (no training text)"
+    assert not (tmp_path / "r").exists()

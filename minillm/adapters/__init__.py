@@ -6,10 +6,11 @@ from torch import nn
 
 from minillm.adapters.base import Adapter, Block, Group
 from minillm.adapters.bloom import BloomAdapter
+from minillm.adapters.gemma3 import Gemma3Adapter
 from minillm.adapters.llama import LlamaAdapter
 from minillm.adapters.opt import OPTAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), OPTAdapter(), BloomAdapter())
+ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), OPTAdapter(), BloomAdapter(), Gemma3Adapter())
 
 __all__ = ["ADAPTERS", "Adapter", "Block", "Group", "adapter_for", "supported_model_types"]
 

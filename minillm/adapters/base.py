@@ -69,6 +69,9 @@ class Adapter:
 
     name: str = ""
     model_types: tuple[str, ...] = ()
+    # decoder blocks get different masks / RoPE per layer (sliding-window vs global layers), so
+    # block 0's keyword arguments cannot be replayed for every block (see block_loop.capture)
+    per_layer_block_kwargs: bool = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError

@@ -1,0 +1,151 @@
+"""Streamed (``--offload``) vs in-memory pruning of a random LLaMA-architecture model of >= 1B
+parameters: peak resident memory and time per block. Prints one JSON on stdout.
+
+The model is built from a config on the meta device and written tensor by tensor as float32
+safetensors shards (:class:`minillm.shards.ShardWriter`; never materialized whole), with the
+SmolLM2 tokenizer (``--tokenizer``, e.g. the cache of ``benchmarks/_smollm2.py``). Each prune
+runs as its own ``python -m minillm.prune`` process; its peak is the process's resident
+high-water mark (``ru_maxrss`` from ``wait4``, which includes the interpreter and library
+baseline) and the per-phase peaks of its report (``minillm.memory``).
+
+Command (see BENCHMARKS.md)::
+
+    nice -n 10 python benchmarks/bench_streaming.py --work-dir /tmp/bench-streaming \\
+        --calib ../shared/data/wikitext2/valid.txt --tokenizer /tmp/smollm2-f32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from minillm.shards import ShardWriter
+
+# TinyLlama-1.1B's shape with SmolLM2's vocabulary: 1.17e9 parameters, 4.7 GB in float32
+SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+
+def write_random_model(path: Path, tokenizer: str, shard_bytes: int, seed: int) -> dict:
+    """Random float32 weights of ``SHAPE`` written shard by shard; returns size figures."""
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    config = LlamaConfig(vocab_size=len(tok), **SHAPE)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True)
+    numel = 0
+    with ShardWriter(path, shard_bytes) as writer:
+        for name, p in skeleton.named_parameters():
+            t = torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=gen) * 0.02
+            writer.add(name, t)
+            numel += t.numel()
+    config.save_pretrained(path)
+    tok.save_pretrained(path)
+    return {"params": numel, "float32_bytes": 4 * numel, "shards": len(writer.paths)}
+
+
+def prune(model: Path, out: Path, args, offload: bool, ranks: int = 1) -> dict:
+    """One ``python -m minillm.prune`` run (``ranks`` > 1: under torchrun); its report plus
+    ru_maxrss (the largest of the launcher's processes: one rank's peak) and wall time."""
+    launch = [sys.executable]
+    if ranks > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    cmd = [*launch, "-m", "minillm.prune", "--model", str(model), "--out", str(out)]
+    cmd += ["--criterion", args.criterion, "--calib", args.calib, "--ratio", "0.2", "--quiet"]
+    cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    cmd += ["--batch-size", str(args.batch_size), "--overwrite"]
+    cmd += ["--offload"] if offload else []
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({status})")
+    report = json.loads((out / "report.json").read_text())
+    n_blocks = len(report["layers"])
+    row = {
+        "offload": offload,
+        "ranks": ranks,
+        "wall_s": wall,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "phase_peak_bytes": report["peak_memory_bytes"],
+        "phase_time_s": report["time_s"],
+        "score_s_per_block": report["time_s"]["score"] / n_blocks,
+        "params_after": report["params_after"],
+    }
+    if offload:
+        row["save_s_per_block"] = report["streamed"]["save_s_per_block"]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--work-dir", type=Path, required=True)
+    p.add_argument("--calib", required=True, help="calibration text file")
+    p.add_argument("--tokenizer", required=True, help="directory with a tokenizer")
+    p.add_argument("--criterion", default="wanda-sp")
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-bytes", type=int, default=10**9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", action="store_true", help="keep the model and outputs")
+    p.add_argument("--ranks", type=int, default=1, help="> 1: also stream under torchrun")
+    p.add_argument("--skip-in-memory", action="store_true")
+    args = p.parse_args()
+    model = args.work_dir / "model"
+    if not (model / "config.json").is_file():
+        shutil.rmtree(model, ignore_errors=True)
+        start = time.perf_counter()
+        size = write_random_model(model, args.tokenizer, args.shard_bytes, args.seed)
+        size["write_s"] = time.perf_counter() - start
+    else:
+        size = {"cached": str(model)}
+    print(json.dumps(size), file=sys.stderr, flush=True)
+    runs = [(True, 1)] + ([] if args.skip_in_memory else [(False, 1)])
+    runs += [(True, args.ranks)] if args.ranks > 1 else []
+    rows = []
+    for offload, ranks in runs:
+        out = args.work_dir / (f"streamed-{ranks}" if offload else "in-memory")
+        rows.append(prune(model, out, args, offload, ranks))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if not args.keep:
+            shutil.rmtree(out)
+    from minillm.streaming import weights_bytes
+
+    f32 = weights_bytes(model, "float32")
+    result = {
+        "model": {**size, "float32_bytes": f32, "config": SHAPE},
+        "criterion": args.criterion,
+        "calibration": f"{args.nsamples} x {args.seqlen} tokens",
+        "runs": rows,
+        "peak_fraction_of_float32": {
+            f"{'streamed' if r['offload'] else 'in-memory'}-{r['ranks']}": r["peak_rss_bytes"] / f32
+            for r in rows
+        },
+        "same_params_after": len({r["params_after"] for r in rows}) == 1,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

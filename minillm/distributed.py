@@ -1,0 +1,43 @@
+"""Across processes (``torchrun``): ranks split the calibration sequences and all-reduce the
+input statistics, so every rank scores and allocates the same units; only rank 0 writes.
+
+Launched by ``torchrun --nproc-per-node N -m minillm.prune --offload ...`` (the environment
+holds ``WORLD_SIZE``/``RANK``); gloo on CPU, NCCL on CUDA. Statistics are sums over tokens,
+so the reduced ones equal one process's up to the order of floating-point additions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from minillm.activations import InputStats
+
+
+def setup(device: str) -> tuple[int, int]:
+    """``(rank, world size)``; joins the process group when launched by torchrun."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def my_rows(tokens: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's contiguous share of the calibration sequences ``[n, seqlen]``."""
+    return tokens.tensor_split(size)[rank]
+
+
+def all_reduce_stats(stats: dict) -> None:
+    """Sum ``{linear: InputStats}`` over ranks, in place (no-op in one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for lin, st in stats.items():
+        sum_sq, total = st.sum_sq.clone(), st.sum.clone()
+        count = torch.tensor([st.count], dtype=torch.float64, device=sum_sq.device)
+        for t in (sum_sq, total, count):
+            dist.all_reduce(t)
+        stats[lin] = InputStats(sum_sq, total, int(count.item()))
