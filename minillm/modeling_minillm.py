@@ -19,6 +19,8 @@ from torch import nn
 from transformers import (
     BloomConfig,
     BloomForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -69,7 +71,7 @@ LAYOUTS = {
         },
     ),
 }
-FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama"}
+FAMILY = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma3_text": "llama"}
 
 
 def _size(kind: str, record: dict, head_dim: int) -> int:
@@ -188,6 +190,14 @@ class MinillmBloomForCausalLM(_Pruned, BloomForCausalLM):
     config_class = MinillmBloomConfig
 
 
+class MinillmGemma3Config(Gemma3TextConfig):
+    model_type = MODEL_TYPE
+
+
+class MinillmGemma3ForCausalLM(_Pruned, Gemma3ForCausalLM):
+    config_class = MinillmGemma3Config
+
+
 # base model_type -> (config class, model class) named in config.json's auto_map
 CLASSES = {
     "llama": (MinillmLlamaConfig, MinillmLlamaForCausalLM),
@@ -196,4 +206,5 @@ CLASSES = {
     "qwen3": (MinillmQwen3Config, MinillmQwen3ForCausalLM),
     "opt": (MinillmOPTConfig, MinillmOPTForCausalLM),
     "bloom": (MinillmBloomConfig, MinillmBloomForCausalLM),
+    "gemma3_text": (MinillmGemma3Config, MinillmGemma3ForCausalLM),
 }

@@ -27,6 +27,7 @@ IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
 NEW_TOKENS = 6
 REQUEST = ("w1 w7 w3 w9", " w4 w5")
 CASES = [f"{f}-{kind}" for f in FAMILIES for kind in ("uniform", "per-layer")]
+CASES += ["gemma3-per-layer"]
 
 
 def add_compensation_biases(model) -> None:
