@@ -13,7 +13,7 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -63,7 +63,7 @@ class PruneConfig:
     batch_size: int
     compensate: bool
     spill: bool
-    reconstruct: bool | None
+    reconstruct: bool
     select: str
     ridge: float
     rank_together: bool
@@ -89,10 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the prunable parameters of the pruned layers to remove",
     )
     p.add_argument(
-        "--criterion",
-        default="flap",
-        choices=sorted(CRITERIA),
-        help="unit scores (default flap: with --reconstruct, the best measured; BENCHMARKS.md)",
+        "--criterion", default="fms" if "fms" in CRITERIA else "magnitude", choices=sorted(CRITERIA)
     )
     p.add_argument("--target", choices=["heads", "channels", "both"], default="both")
     p.add_argument(
@@ -155,10 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compensate", action="store_true", help="fold removed means into biases")
     p.add_argument(
         "--reconstruct",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="refit the consumers of removed units by least squares, layer by layer (bottom-up); "
-        "on by default unless --compensate is given",
+        action="store_true",
+        help="refit the consumers of removed units by least squares, layer by layer (bottom-up)",
     )
     p.add_argument(
         "--select",
@@ -319,8 +314,6 @@ def library_versions() -> dict[str, str]:
 
 def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
-    if cfg.reconstruct is None:  # the default: refit, unless FLAP's compensation is asked for
-        cfg = replace(cfg, reconstruct=not cfg.compensate)
     validate(cfg)
     from minillm import streaming
 
