@@ -96,7 +96,8 @@ def layer_sizes(model: PreTrainedModel) -> list[dict]:
 def check_architecture(model_dir: Path) -> None:
     """ValueError unless ``model_dir/config.json`` is a LLaMA-family model (before loading it)."""
     config = json.loads((model_dir / "config.json").read_text())
-    model_type = config.get("minillm", {}).get("base_config", config).get("model_type")
+    extra = config.get("minillm", {})
+    model_type = extra.get("base_model_type") or extra.get("base_config", config).get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"--gguf: cannot export a '{model_type}' model: llama.cpp runs pruned models of the "

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from minillm import distributed, shards
+from minillm import allocation, distributed, shards
 from minillm.activations import InputStats, collected_stats
 from minillm.adapters import adapter_for
 from minillm.block_loop import capture, resident, run_block, sweep
@@ -56,6 +56,7 @@ from minillm.data import calibration_batches
 from minillm.io import atomic_output_dir, save_pruned
 from minillm.memory import PhaseMeter
 from minillm.models import load_model, parse_dtype
+from minillm.prune import HELDOUT_TEXT, parse_round_to, prunable_params
 from minillm.reconstruct import prune_sequential
 from minillm.resume import ResumeState
 from minillm.surgery import layer_records, prune_layer
@@ -280,7 +281,7 @@ def _validate(cfg) -> None:
             "--calib: 'self' generates text with the whole model; with --offload "
             "pass a text/JSON/JSONL file"
         )
-    if cfg.eval_text is not None:
+    if cfg.eval_text is not None and Path(cfg.eval_text) != HELDOUT_TEXT:  # the default is skipped
         raise ValueError("--eval-text: perplexity needs the whole model; drop it with --offload")
 
 
@@ -460,6 +461,11 @@ def run(cfg) -> dict:
         scores, ctx = _score(sm, cfg, groups, tokens, options, resume)
     with meter.phase("prune"):
         keep = allocate(groups, scores, cfg, options)
+        multiples = parse_round_to(cfg.round_to)
+        if multiples:
+            keep = allocation.round_to_multiples(groups, scores, keep, multiples)
+        prunable = prunable_params(groups)
+        prunable_removed = prunable - prunable_params(groups, keep)
     output = atomic_output_dir(cfg.out, cfg.overwrite) if rank == 0 else nullcontext()
     with output as tmp:  # only rank 0 writes; the others prune their skeleton for the report
         with meter.phase("save"):
@@ -476,13 +482,18 @@ def run(cfg) -> dict:
             "ratio": cfg.ratio,
             "params_before": params_before,
             "params_after": count_params(model),
+            "prunable_params": prunable,
+            "prunable_params_removed": prunable_removed,
             "layers": layer_records(model, adapter),
             "pruned_layers": layers,
+            "target": cfg.target,
             "forward_passes": ctx.forward_passes,
             "tokens_forwarded": ctx.tokens_forwarded,
             "calibration_tokens": tokens.numel(),
+            "eval_text": None,
             "ppl_before": None,
             "ppl_after": None,
+            "generation": None,
             "seed": cfg.seed,
             "config": asdict(cfg),
             "versions": library_versions(),
