@@ -377,7 +377,39 @@ def run(cfg: PruneConfig) -> dict:
     with meter.phase("eval_after"):
         ppl_after = eval_ppl(model, tokenizer, cfg)
         sample_after = greedy_continuation(model, tokenizer, cfg)
-    report = {
+    report = pruning_report(
+        cfg, model, adapter, ctx, layers, params_before, prunable, prunable_removed, batches
+    )
+    report.update(
+        eval_text=cfg.eval_text,
+        ppl_before=ppl_before,
+        ppl_after=ppl_after,
+        generation=None
+        if sample_before is None
+        else {"prompt": cfg.prompt, "before": sample_before, "after": sample_after},
+    )
+    with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+        with meter.phase("save"):
+            save_pruned(model, tokenizer, tmp)
+        report.update(meter.summary())
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def pruning_report(
+    cfg: PruneConfig,
+    model,
+    adapter,
+    ctx: ScoringContext,
+    layers: list[int],
+    params_before: int,
+    prunable: int,
+    prunable_removed: int,
+    calibration: torch.Tensor,
+) -> dict:
+    """The report.json fields every pruning path writes (in memory or streamed); the
+    evaluation fields are None until the caller fills them."""
+    return {
         "model": cfg.model or "SmolLM2-135M-Instruct (embedded GGUF)",
         "architecture": adapter.name,
         "criterion": cfg.criterion,
@@ -391,23 +423,15 @@ def run(cfg: PruneConfig) -> dict:
         "target": cfg.target,
         "forward_passes": ctx.forward_passes,
         "tokens_forwarded": ctx.tokens_forwarded,
-        "calibration_tokens": batches.numel(),
-        "eval_text": cfg.eval_text,
-        "ppl_before": ppl_before,
-        "ppl_after": ppl_after,
-        "generation": None
-        if sample_before is None
-        else {"prompt": cfg.prompt, "before": sample_before, "after": sample_after},
+        "calibration_tokens": calibration.numel(),
+        "eval_text": None,
+        "ppl_before": None,
+        "ppl_after": None,
+        "generation": None,
         "seed": cfg.seed,
         "config": asdict(cfg),
         "versions": library_versions(),
     }
-    with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
-        with meter.phase("save"):
-            save_pruned(model, tokenizer, tmp)
-        report.update(meter.summary())
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def removed_lines(report: dict) -> list[str]:

@@ -92,13 +92,9 @@ def refit_weights(
     if gram.count == 0:
         raise ValueError("reconstruction: no calibration tokens reached the layer")
     w = weight.double()
-    g, s, n = gram.xtx, gram.xsum, float(gram.count)
     k = kept.numel()
-    a = torch.empty(k + 1, k + 1, dtype=torch.float64, device=g.device)
-    a[:k, :k] = g[kept][:, kept]
-    a[:k, k] = a[k, :k] = s[kept]
-    a[k, k] = n
-    rhs = torch.cat([g[kept] @ w.t(), (s @ w.t())[None]])  # [k + 1, out]
+    a = _augmented(gram, kept)
+    rhs = torch.cat([gram.xtx[kept] @ w.t(), (gram.xsum @ w.t())[None]])  # [k + 1, out]
     lam = ridge * a[:k, :k].diagonal().mean().clamp_min(1e-12)
     for _ in range(5):
         reg = a.clone()
@@ -118,13 +114,21 @@ def refit_weights(
     return sol[:k].t().contiguous(), new_bias
 
 
+def _augmented(gram: Gram, cols: torch.Tensor) -> torch.Tensor:
+    """Gram matrix ``[k + 1, k + 1]`` float64 of input columns ``cols`` with a constant 1
+    appended (the last row and column: the sums and the token count)."""
+    k = cols.numel()
+    a = torch.empty(k + 1, k + 1, dtype=torch.float64, device=gram.xtx.device)
+    a[:k, :k] = gram.xtx[cols][:, cols]
+    a[:k, k] = a[k, :k] = gram.xsum[cols]
+    a[k, k] = float(gram.count)
+    return a
+
+
 def _augmented_inverse(gram: Gram, ridge: float) -> torch.Tensor:
     """``(G_aug + lam I)^-1`` ``[in + 1, in + 1]`` of the inputs with a constant 1 appended."""
     n = gram.xtx.shape[0]
-    a = torch.empty(n + 1, n + 1, dtype=torch.float64, device=gram.xtx.device)
-    a[:n, :n] = gram.xtx
-    a[:n, n] = a[n, :n] = gram.xsum
-    a[n, n] = float(gram.count)
+    a = _augmented(gram, torch.arange(n, device=gram.xtx.device))
     a.diagonal()[:n] += ridge * gram.xtx.diagonal().mean().clamp_min(1e-12) + 1e-12
     return torch.linalg.inv(a)
 

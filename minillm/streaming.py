@@ -59,7 +59,7 @@ from minillm.models import load_model, parse_dtype
 from minillm.prune import HELDOUT_TEXT, parse_round_to, prunable_params
 from minillm.reconstruct import prune_sequential
 from minillm.resume import ResumeState
-from minillm.surgery import layer_records, prune_layer
+from minillm.surgery import prune_layer
 
 log = logging.getLogger("minillm")
 BLOCK_CRITERIA = ("magnitude", "wanda-sp", "flap")  # a layer's scores need only its block
@@ -426,7 +426,7 @@ def _write(sm: StreamedModel, cfg, keep, ctx: ScoringContext, layers: list[int])
 
 def run(cfg) -> dict:
     """``python -m minillm.prune`` with blocks streamed from the checkpoint; same report."""
-    from minillm.prune import allocate, count_params, library_versions, parse_layers
+    from minillm.prune import allocate, count_params, parse_layers, pruning_report
 
     _validate(cfg)
     rank, world = distributed.setup(cfg.device)
@@ -476,27 +476,9 @@ def run(cfg) -> dict:
                     _write(sm, cfg, keep, ctx, layers)
                 save_pruned(model, tokenizer, tmp, write_weights=False)
         report = {
-            "model": cfg.model or "SmolLM2-135M-Instruct (embedded GGUF)",
-            "architecture": adapter.name,
-            "criterion": cfg.criterion,
-            "ratio": cfg.ratio,
-            "params_before": params_before,
-            "params_after": count_params(model),
-            "prunable_params": prunable,
-            "prunable_params_removed": prunable_removed,
-            "layers": layer_records(model, adapter),
-            "pruned_layers": layers,
-            "target": cfg.target,
-            "forward_passes": ctx.forward_passes,
-            "tokens_forwarded": ctx.tokens_forwarded,
-            "calibration_tokens": tokens.numel(),
-            "eval_text": None,
-            "ppl_before": None,
-            "ppl_after": None,
-            "generation": None,
-            "seed": cfg.seed,
-            "config": asdict(cfg),
-            "versions": library_versions(),
+            **pruning_report(
+                cfg, model, adapter, ctx, layers, params_before, prunable, prunable_removed, tokens
+            ),
             "streamed": {"checkpoint": str(path), "world_size": world},
             **meter.summary(),
         }
