@@ -168,7 +168,7 @@ def main() -> None:
         default="off",
         help="comma list of off (mask), on (refit), select (choose units on the Gram and refit)",
     )
-    p.add_argument("--ridge", type=float, default=1e-4, help="--reconstruct: relative ridge")
+    p.add_argument("--ridge", type=float, default=0.1, help="--reconstruct: relative ridge")
     p.add_argument(
         "--spill", action="store_true", help="exact gradients: block inputs on disk, not in memory"
     )

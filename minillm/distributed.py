@@ -1,5 +1,6 @@
 """Across processes (``torchrun``): ranks split the calibration sequences and all-reduce the
-input statistics, so every rank scores and allocates the same units; only rank 0 writes.
+input statistics (and, with ``--reconstruct``, each consumer's Gram matrix), so every rank
+scores, allocates and refits the same units; only rank 0 writes.
 
 Launched by ``torchrun --nproc-per-node N -m minillm.prune --offload ...`` (the environment
 holds ``WORLD_SIZE``/``RANK``); gloo on CPU, NCCL on CUDA. Statistics are sums over tokens,
@@ -41,3 +42,13 @@ def all_reduce_stats(stats: dict) -> None:
         for t in (sum_sq, total, count):
             dist.all_reduce(t)
         stats[lin] = InputStats(sum_sq, total, int(count.item()))
+
+
+def all_reduce_gram(gram) -> None:
+    """Sum a :class:`minillm.reconstruct.Gram` over ranks, in place (no-op in one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    count = torch.tensor([gram.count], dtype=torch.float64, device=gram.xtx.device)
+    for t in (gram.xtx, gram.xsum, count):
+        dist.all_reduce(t)
+    gram.count = int(count.item())

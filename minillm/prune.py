@@ -63,7 +63,7 @@ class PruneConfig:
     batch_size: int
     compensate: bool
     spill: bool
-    reconstruct: bool
+    reconstruct: bool | None  # None: on, unless --compensate (see resolve_repair)
     select: str
     ridge: float
     rank_together: bool
@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the prunable parameters of the pruned layers to remove",
     )
     p.add_argument(
-        "--criterion", default="fms" if "fms" in CRITERIA else "magnitude", choices=sorted(CRITERIA)
+        "--criterion",
+        default="flap",
+        choices=sorted(CRITERIA),
+        help="unit scores (default flap; fms is the paper's, see README 'Which criterion')",
     )
     p.add_argument("--target", choices=["heads", "channels", "both"], default="both")
     p.add_argument(
@@ -149,11 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exact gradients: keep each block's inputs in a temporary directory, not in memory",
     )
-    p.add_argument("--compensate", action="store_true", help="fold removed means into biases")
+    p.add_argument(
+        "--compensate",
+        action="store_true",
+        help="fold removed means into biases (FLAP) instead of --reconstruct",
+    )
     p.add_argument(
         "--reconstruct",
-        action="store_true",
-        help="refit the consumers of removed units by least squares, layer by layer (bottom-up)",
+        action=argparse.BooleanOptionalAction,
+        help="refit the consumers of removed units by least squares, layer by layer (bottom-up); "
+        "on by default unless --compensate",
     )
     p.add_argument(
         "--select",
@@ -163,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         "those whose removal the refit recovers best (greedy OBS on the layer's Gram)",
     )
     p.add_argument(
-        "--ridge", type=float, default=1e-4, help="--reconstruct: ridge, x mean Gram diagonal"
+        "--ridge",
+        type=float,
+        default=0.1,
+        help="--reconstruct: pull toward the dense weights, x mean Gram diagonal (large: FLAP)",
     )
     p.add_argument(
         "--rank-together",
@@ -244,7 +255,7 @@ def validate(cfg: PruneConfig) -> None:
             "--model: pass the GGUF's directory as --model and its name as --gguf-file"
         )
     if cfg.ridge < 0:
-        raise ValueError(f"--ridge: {cfg.ridge} is negative; use a value >= 0 such as 1e-4")
+        raise ValueError(f"--ridge: {cfg.ridge} is negative; use a value >= 0 such as 0.1")
     if cfg.reconstruct and cfg.compensate:
         raise ValueError("--compensate: not needed with --reconstruct, which refits the biases too")
     if cfg.nsamples < 1 or cfg.seqlen < 2:
@@ -312,6 +323,17 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def resolve_repair(cfg: PruneConfig, adapter) -> None:
+    """Settle ``--reconstruct`` left unset: on, unless ``--compensate`` was asked or the family's
+    blocks cannot run one at a time (Gemma 3), where FLAP's compensation stands in (logged)."""
+    if cfg.reconstruct is not None:
+        return
+    cfg.reconstruct = not cfg.compensate and not adapter.per_layer_block_kwargs
+    if not cfg.reconstruct and not cfg.compensate:
+        log.info("%s: no --reconstruct for this family yet; compensating biases", adapter.name)
+        cfg.compensate = True
+
+
 def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
     validate(cfg)
@@ -325,6 +347,7 @@ def run(cfg: PruneConfig) -> dict:
     with meter.phase("load"), silence:
         model, tokenizer = load_model(cfg.model, cfg.gguf_file, cfg.dtype, cfg.device)
     adapter = adapter_for(model)
+    resolve_repair(cfg, adapter)
     layers = parse_layers(cfg.layers, len(adapter.layers(model)))
     kinds = ["heads", "channels"] if cfg.target == "both" else [cfg.target]
     groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in kinds]

@@ -4,11 +4,14 @@ For a consumer linear ``y = W x + b`` (o_proj, down_proj, out_proj, fc2, dense, 
 whose input units ``R`` are removed, the kept columns ``K`` and the bias are refit so that its
 output on the calibration inputs stays as close as possible to the dense one::
 
-    min_{W', b'}  sum_t || W x_t + b - (W' x_{t,K} + b') ||^2  +  lam * ||W'||^2
+    min_{W', b'}  sum_t || W x_t + b - (W' x_{t,K} + b') ||^2  +  lam * ||W' - W_K||^2
 
 solved in closed form from the Gram statistics ``G = sum_t x_t x_t^T`` and ``s = sum_t x_t`` of
-the consumer's inputs (:class:`Gram`). FLAP's bias compensation is the special case
-``W' = W_K``, ``b' = b + W_R mean(x_R)``. ``lam = ridge * mean(diag(G_KK))``.
+the consumer's inputs (:class:`Gram`), ``lam = ridge * mean(diag(G_KK))``. The ridge pulls the
+refit toward the dense kept columns ``W_K``, not toward zero: directions the calibration never
+excites keep their dense weights, and as ``ridge -> inf`` the solution is FLAP's bias
+compensation ``W' = W_K``, ``b' = b + W_R mean(x_R)``. The ridge thus interpolates between
+FLAP (large) and the unconstrained least-squares refit (small).
 
 :func:`prune_sequential` processes the decoder blocks bottom-up through the block loop, so each
 layer is calibrated on the outputs of the already-pruned layers below it: per pruned layer, the
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minillm import distributed
 from minillm.adapters import Adapter
 from minillm.block_loop import BlockSource, Boundary, capture, run_block, sweep
 from minillm.surgery import prune_layer
@@ -97,8 +101,9 @@ def refit_weights(
     rhs = torch.cat([gram.xtx[kept] @ w.t(), (gram.xsum @ w.t())[None]])  # [k + 1, out]
     lam = ridge * a[:k, :k].diagonal().mean().clamp_min(1e-12)
     for _ in range(5):
-        reg = a.clone()
+        reg, target = a.clone(), rhs.clone()
         reg.diagonal()[:k] += lam
+        target[:k] += lam * w[:, kept].t()
         chol, info = torch.linalg.cholesky_ex(reg)
         if info == 0:
             break
@@ -109,7 +114,7 @@ def refit_weights(
             "reconstruction: the Gram matrix stays singular; use more calibration tokens "
             "(--nsamples/--seqlen) or a larger --ridge"
         )
-    sol = torch.cholesky_solve(rhs, chol)  # [k + 1, out]
+    sol = torch.cholesky_solve(target, chol)  # [k + 1, out]
     new_bias = sol[k] + (bias.double() if bias is not None else 0.0)
     return sol[:k].t().contiguous(), new_bias
 
@@ -191,7 +196,7 @@ def prune_and_refit(
     keep: torch.Tensor,
     inputs: Boundary,
     gqa: str = "query",
-    ridge: float = 1e-4,
+    ridge: float = 0.1,
     select: bool = False,
 ) -> None:
     """Remove ``kind`` units of ``layer`` not in ``keep`` and refit their consumers on the
@@ -206,6 +211,7 @@ def prune_and_refit(
     consumer = group.consumers[0]
     lin = consumer.linear
     gram = consumer_gram(adapter.layers(model)[layer], lin, inputs)
+    distributed.all_reduce_gram(gram)
     if gram.count <= lin.in_features:
         log.warning(
             "reconstruction: %d calibration tokens for %d inputs of layer %d %s; the ridge "
@@ -243,7 +249,7 @@ def prune_sequential(
     layers: list[int],
     gqa: str = "query",
     batch_size: int = 8,
-    ridge: float = 1e-4,
+    ridge: float = 0.1,
     select: bool = False,
     source: BlockSource | None = None,
 ) -> None:

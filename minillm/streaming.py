@@ -275,11 +275,11 @@ def _validate(cfg) -> None:
             f"--criterion: '{cfg.criterion}' cannot stream blocks yet; "
             f"with --offload use one of {', '.join(STREAMED_CRITERIA)}"
         )
-    needs_text = cfg.compensate or cfg.reconstruct or cfg.criterion not in ("random", "magnitude")
-    if cfg.calib == "self" and needs_text:
+    needs_text = cfg.compensate or cfg.reconstruct is not False
+    if cfg.calib == "self" and (needs_text or cfg.criterion not in ("random", "magnitude")):
         raise ValueError(
             "--calib: 'self' generates text with the whole model; with --offload "
-            "pass a text/JSON/JSONL file"
+            "pass a text/JSON/JSONL file (random/magnitude with --no-reconstruct need none)"
         )
     if cfg.eval_text is not None and Path(cfg.eval_text) != HELDOUT_TEXT:  # the default is skipped
         raise ValueError("--eval-text: perplexity needs the whole model; drop it with --offload")
@@ -426,14 +426,20 @@ def _write(sm: StreamedModel, cfg, keep, ctx: ScoringContext, layers: list[int])
 
 def run(cfg) -> dict:
     """``python -m minillm.prune`` with blocks streamed from the checkpoint; same report."""
-    from minillm.prune import allocate, count_params, parse_layers, pruning_report
+    from minillm.prune import (
+        allocate,
+        count_params,
+        parse_layers,
+        pruning_report,
+        resolve_repair,
+    )
 
     _validate(cfg)
     rank, world = distributed.setup(cfg.device)
-    if world > 1 and (cfg.criterion == "taylor" or cfg.reconstruct or cfg.resume):
+    if world > 1 and (cfg.criterion == "taylor" or cfg.resume):
         raise ValueError(
-            "torchrun: only statistics are reduced across ranks; run taylor, "
-            "--reconstruct and --resume in one process"
+            "torchrun: only statistics are reduced across ranks; run taylor and --resume in "
+            "one process"
         )
     meter = PhaseMeter(cfg.device)
     with meter.phase("load"):
@@ -445,6 +451,7 @@ def run(cfg) -> dict:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     model, adapter = sm.model, sm.adapter
+    resolve_repair(cfg, adapter)
     n_blocks = len(adapter.layers(model))
     layers = parse_layers(cfg.layers, n_blocks)
     with meter.phase("calibrate"):

@@ -13,17 +13,18 @@ from minillm.surgery import prune_layer
 TOKENS = torch.randint(0, VOCAB, (6, 24), generator=torch.Generator().manual_seed(7))
 
 
-def _lstsq(x: torch.Tensor, y: torch.Tensor, lam: float = 0.0):
-    """``(W [out, k], b [out])`` minimizing ``||[x, 1] [W, b]^T - y||^2 + lam ||W||^2``."""
+def _lstsq(x: torch.Tensor, y: torch.Tensor, lam: float = 0.0, prior: torch.Tensor | None = None):
+    """``(W [out, k], b [out])`` minimizing ``||[x, 1] [W, b]^T - y||^2 + lam ||W - prior||^2``."""
     x, y = x.double(), y.double()
     a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
     if lam:
-        reg = torch.zeros(x.shape[1], x.shape[1] + 1, dtype=x.dtype)
-        reg[:, : x.shape[1]] = torch.eye(x.shape[1], dtype=x.dtype) * lam**0.5
-        a, y = (
-            torch.cat([a, reg]),
-            torch.cat([y, torch.zeros(x.shape[1], y.shape[1], dtype=x.dtype)]),
-        )
+        k = x.shape[1]
+        reg = torch.zeros(k, k + 1, dtype=x.dtype)
+        reg[:, :k] = torch.eye(k, dtype=x.dtype) * lam**0.5
+        target = torch.zeros(k, y.shape[1], dtype=x.dtype)
+        if prior is not None:
+            target = prior.double().t() * lam**0.5
+        a, y = torch.cat([a, reg]), torch.cat([y, target])
     sol = torch.linalg.lstsq(a, y).solution
     return sol[:-1].t(), sol[-1]
 
@@ -39,9 +40,37 @@ def test_refit_equals_lstsq(ridge):
     kept = torch.tensor([0, 2, 3, 7, 8, 11])
     got_w, got_b = refit_weights(w, b, gram, kept, ridge)
     lam = ridge * float((x[:, kept].double() ** 2).sum(0).mean())
-    ref_w, ref_b = _lstsq(x[:, kept], x @ w.t() + b, lam)
+    ref_w, ref_b = _lstsq(x[:, kept], x @ w.t() + b, lam, prior=w[:, kept])
     torch.testing.assert_close(got_w, ref_w, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_b, ref_b, rtol=1e-4, atol=1e-6)
+
+
+def test_large_ridge_is_flap_bias_compensation():
+    """ridge -> inf keeps the dense kept columns; the removed inputs' mean goes into the bias."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(100, 8, generator=gen) + 1.0
+    w, b = torch.randn(4, 8, generator=gen), torch.randn(4, generator=gen)
+    gram = Gram(torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64))
+    gram.add(x)
+    kept, removed = torch.tensor([0, 1, 4, 5, 6]), torch.tensor([2, 3, 7])
+    got_w, got_b = refit_weights(w, b, gram, kept, ridge=1e9)
+    torch.testing.assert_close(got_w.float(), w[:, kept], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_b.float(), b + w[:, removed] @ x[:, removed].mean(0))
+
+
+def test_underdetermined_refit_keeps_unseen_directions_dense():
+    """With fewer tokens than inputs the refit changes W only within the span of the data."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 12, generator=gen)  # 5 tokens, 12 inputs
+    w = torch.randn(3, 12, generator=gen)
+    gram = Gram(torch.zeros(12, 12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64))
+    gram.add(x)
+    kept = torch.arange(9)
+    got_w, _ = refit_weights(w, None, gram, kept, ridge=0.1)
+    span = torch.linalg.qr(x[:, kept].double().t()).Q  # [9, 5]: the tokens' directions
+    change = got_w - w[:, kept].double()
+    assert change.abs().max() > 1e-3
+    torch.testing.assert_close(change @ span @ span.t(), change, rtol=1e-5, atol=1e-5)
 
 
 def test_refit_without_tokens_is_an_error():
@@ -86,7 +115,7 @@ def test_sequential_refit_is_least_squares_on_the_pruned_stream(family, kind):
         x, y = _consumer_io(reference, consumer.linear)
         cols = consumer.indices(keep[(i, kind)])
         lam = ridge * float(x[:, cols].double().pow(2).sum(0).mean())
-        w, b = _lstsq(x[:, cols], y, lam)
+        w, b = _lstsq(x[:, cols], y, lam, prior=consumer.linear.weight.detach()[:, cols])
         heads, channels = (keep[(i, kind)], None) if kind == "heads" else (None, keep[(i, kind)])
         prune_layer(reference, adapter, i, heads, channels)
         with torch.no_grad():

@@ -42,7 +42,7 @@ def _prune(model_dir, calib_file, out, criterion, *extra) -> int:
         ("wanda-sp", ()),
         ("flap", ("--compensate",)),
         ("taylor", ()),
-        ("wanda-sp", ("--reconstruct",)),
+        ("flap", ()),  # the default: --reconstruct
         ("wanda-sp", ("--reconstruct", "--select", "refit")),
     ],
 )
@@ -142,7 +142,7 @@ def test_self_calibration_needs_a_file_when_streaming(sharded_model_dir, tmp_pat
 )
 def test_embedded_gguf_streams_through_a_safetensors_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
-    args = ["--criterion", "magnitude", "--ratio", "0.2", "--quiet"]
+    args = ["--criterion", "magnitude", "--no-reconstruct", "--ratio", "0.2", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "mem")]) == 0
     assert main([*args, "--out", str(tmp_path / "streamed"), "--offload"]) == 0
     assert any((tmp_path / "cache" / "gguf").iterdir())
@@ -199,11 +199,14 @@ def test_killed_run_resumes_to_the_same_model(
 
 
 @pytest.mark.parametrize("family", ["opt"])
-def test_two_torchrun_processes_give_one_process_model(sharded_model_dir, calib_file, tmp_path):
-    assert _prune(sharded_model_dir, calib_file, tmp_path / "one", "flap", "--compensate") == 0
+@pytest.mark.parametrize("repair", ["--compensate", "--reconstruct"])
+def test_two_torchrun_processes_give_one_process_model(
+    sharded_model_dir, calib_file, tmp_path, repair
+):
+    assert _prune(sharded_model_dir, calib_file, tmp_path / "one", "flap", repair) == 0
     args = ["--model", sharded_model_dir, "--criterion", "flap", "--calib", calib_file]
     args += ["--nsamples", "6", "--seqlen", "16", "--batch-size", "2", "--ratio", "0.3"]
-    args += ["--layers", "0-2", "--out", tmp_path / "two", "--quiet", "--compensate", "--offload"]
+    args += ["--layers", "0-2", "--out", tmp_path / "two", "--quiet", repair, "--offload"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     subprocess.run([*launch, "-m", "minillm.prune", *map(str, args)], check=True, cwd=tmp_path)
     one = json.loads((tmp_path / "one" / "report.json").read_text())
@@ -212,5 +215,5 @@ def test_two_torchrun_processes_give_one_process_model(sharded_model_dir, calib_
     assert two["layers"] == one["layers"]
     ref, got = shards.load_sharded(tmp_path / "one"), shards.load_sharded(tmp_path / "two")
     assert got.keys() == ref.keys()
-    for name, t in ref.items():  # compensated biases: sums over ranks in another order
-        torch.testing.assert_close(got[name], t, rtol=1e-5, atol=1e-6, msg=name)
+    for name, t in ref.items():  # statistics and Grams: sums over ranks in another order
+        torch.testing.assert_close(got[name], t, rtol=1e-4, atol=1e-5, msg=name)
