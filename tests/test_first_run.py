@@ -83,8 +83,9 @@ def test_summary_states_both_removed_fractions(pruned):
     # per layer: 8 query heads x (16 q rows + 16 o columns) x 64, 96 channels x 3 x 64
     prunable = 3 * (8 * 2 * 16 * 64 + 96 * 3 * 64)
     assert report["prunable_params"] == prunable
-    removed = sum((8 - r["heads"]) * 2 * 16 * 64 + (96 - r["channels"]) * 3 * 64
-                  for r in report["layers"][:3])
+    removed = sum(
+        (8 - r["heads"]) * 2 * 16 * 64 + (96 - r["channels"]) * 3 * 64 for r in report["layers"][:3]
+    )
     assert report["prunable_params_removed"] == removed
     assert f"{100 * removed / prunable:.1f}% of the prunable parameters of layers 0-2" in stdout
     # the whole model's count is net: the refit adds o_proj/down_proj biases (64 per layer)
