@@ -168,7 +168,7 @@ def main() -> None:
         default="off",
         help="comma list of off (mask), on (refit), select (choose units on the Gram and refit)",
     )
-    p.add_argument("--ridge", type=float, default=0.1, help="--reconstruct: relative ridge")
+    p.add_argument("--ridge", default="0.1", help="--reconstruct: relative ridge (comma list)")
     p.add_argument(
         "--spill", action="store_true", help="exact gradients: block inputs on disk, not in memory"
     )
@@ -179,6 +179,10 @@ def main() -> None:
         "config per process for a clean resident-memory peak)",
     )
     args = p.parse_args()
+
+    def ridges(recon: str) -> list[float | None]:
+        return [float(r) for r in args.ridge.split(",")] if recon != "off" else [None]
+
     torch.set_num_threads(args.threads)
     model, tok, adapter, all_groups, calib = setup(args)
     lo, hi = (int(x) for x in args.layers.split("-"))
@@ -247,7 +251,7 @@ def main() -> None:
                         calib,
                         keep,
                         layers,
-                        ridge=args.ridge,
+                        ridge=float(args.ridge.split(",")[0]),
                         select=args.reconstruct == "select",
                     )
                 row["reconstruct_wall_s"] = round(meter.time_s["reconstruct"], 2)
@@ -256,7 +260,8 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
         for ratio in (float(r) for r in ratios.split(",") if r):
             keep = keep_at(groups, scores, ratio, CONFIGS[name])
-            for recon in args.reconstruct.split(","):
+            runs = [(r, ridge) for r in args.reconstruct.split(",") for ridge in ridges(r)]
+            for recon, ridge in runs:
                 if recon in ("on", "select"):
                     pruned = copy.deepcopy(model)
                     t0 = time.perf_counter()
@@ -267,7 +272,7 @@ def main() -> None:
                         calib,
                         keep,
                         layers,
-                        ridge=args.ridge,
+                        ridge=ridge,
                         select=recon == "select",
                     )
                     recon_s = time.perf_counter() - t0
@@ -284,6 +289,7 @@ def main() -> None:
                     "options": options,
                     "allocation": alloc,
                     "reconstruct": recon,
+                    "ridge": ridge,
                     "ratio": ratio,
                     "params_after": params_after,
                     "ppl": result,
