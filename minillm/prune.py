@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--criterion",
         default="flap",
         choices=sorted(CRITERIA),
-        help="unit scores (default flap; fms is the paper's, see README 'Which criterion')",
+        help="unit scores (default flap; fms is the paper's MINI-LLM score, see README 'Criteria')",
     )
     p.add_argument("--target", choices=["heads", "channels", "both"], default="both")
     p.add_argument(
