@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minillm.adapters import adapter_for
 from minillm.data import calibration_batches
-from minillm.models import load_model
+from minillm.model.adapters import adapter_for
+from minillm.model.loading import load_model
 
 
 def load_smollm2(cache_dir: str | None):

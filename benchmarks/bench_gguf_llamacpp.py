@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minillm.evaluation.perplexity import load_eval_text, perplexity_stats, tokenize_text
 from minillm.export import export_gguf
-from minillm.models import load_model
-from minillm.perplexity import load_eval_text, perplexity_stats, tokenize_text
+from minillm.model.loading import load_model
 
 
 def llamacpp_nll(path: Path, windows: torch.Tensor, threads: int) -> float:

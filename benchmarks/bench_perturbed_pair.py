@@ -1,10 +1,11 @@
 """Cost of one +-eps pair of perturbed forwards vs one pair of plain forwards, SmolLM2-135M on CPU.
 
 Both pairs run the same stacked batch ``[x; x]`` of ``2 * --batch`` sequences of ``--seqlen``
-tokens; the perturbed pair runs inside :func:`minillm.perturb.perturbed` with every attention and
-MLP linear of every layer perturbed (210 linears; the LM head is not). Plain and perturbed runs
-are interleaved and the medians of ``--repeats`` timings compared, so machine load drifts hit
-both alike. Prints JSON (stdout): seconds per pair and the ratio, per kind and backend.
+tokens; the perturbed pair runs inside :func:`minillm.scoring.perturb.perturbed` with every
+attention and MLP linear of every layer perturbed (210 linears; the LM head is not). Plain and
+perturbed runs are interleaved and the medians of ``--repeats`` timings compared, so machine
+load drifts hit both alike. Prints JSON (stdout): seconds per pair and the ratio, per kind and
+backend.
 
 Command (see BENCHMARKS.md)::
 
@@ -25,7 +26,7 @@ from _smollm2 import load_smollm2
 from minillm.kernels import ops
 from torch import nn
 
-from minillm.perturb import perturbed
+from minillm.scoring.perturb import perturbed
 
 
 def timed(fn) -> float:

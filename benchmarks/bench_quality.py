@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from _smollm2 import setup
 
-from minillm.adapters import adapter_for
-from minillm.allocation import global_ranking, uniform
-from minillm.criteria import CRITERIA, ScoringContext, compensate, global_normalization
+from minillm.blocks.reconstruct import prune_sequential
+from minillm.evaluation.perplexity import perplexity_stats
 from minillm.memory import PhaseMeter
-from minillm.perplexity import perplexity_stats
-from minillm.reconstruct import prune_sequential
+from minillm.model.adapters import adapter_for
+from minillm.scoring.allocation import global_ranking, uniform
+from minillm.scoring.criteria import CRITERIA, ScoringContext, compensate, global_normalization
 
 OTHER_DOMAIN_MODULES = (
     "argparse collections json pathlib itertools functools subprocess logging asyncio "

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from bench_quality import other_domain_text
 
-from minillm.models import load_model
-from minillm.perplexity import perplexity_stats
+from minillm.evaluation.perplexity import perplexity_stats
+from minillm.model.loading import load_model
 
 
 def recovery_budget(model_dir: str) -> dict | None:

@@ -28,9 +28,9 @@ import torch
 from _smollm2 import setup, spearman
 from minillm.kernels import ops
 
-from minillm import gradients as exact
-from minillm import spsa
-from minillm.activations import collect_input_stats
+from minillm.scoring import gradients as exact
+from minillm.scoring import spsa
+from minillm.scoring.activations import collect_input_stats
 
 
 def prefix(est: spsa.Estimate, k: int, k_max: int) -> spsa.Estimate:

@@ -6,8 +6,8 @@ and once post-processed by ``--round-to`` (the same steps as ``python -m minillm
 times all of them in one process: each repeat times every model in turn (batch 1 and 16, a
 random prompt of ``--prompt-tokens`` then ``--new-tokens`` greedy steps with the KV cache), so
 machine load drifts hit them alike; the best of ``--repeats`` is kept. Prints JSON (stdout):
-per model its parameters, kept sizes, ``minillm.generation.compare_speed``'s keys and tokens/s
-relative to dense.
+per model its parameters, kept sizes, ``minillm.evaluation.generation.compare_speed``'s keys
+and tokens/s relative to dense.
 
 Command (see BENCHMARKS.md)::
 
@@ -26,12 +26,13 @@ from dataclasses import asdict, replace
 import torch
 from _smollm2 import load_smollm2
 
-from minillm import allocation, prune
-from minillm.adapters import adapter_for
-from minillm.criteria import CRITERIA, ScoringContext
+from minillm import prune
 from minillm.data import calibration_batches
-from minillm.generation import compare_speed
-from minillm.surgery import layer_records, prune_layer
+from minillm.evaluation.generation import compare_speed
+from minillm.model.adapters import adapter_for
+from minillm.model.surgery import layer_records, prune_layer
+from minillm.scoring import allocation
+from minillm.scoring.criteria import CRITERIA, ScoringContext
 
 
 def pruned_copy(model, adapter, keep, layers, gqa: str):

@@ -2,7 +2,7 @@
 parameters: peak resident memory and time per block. Prints one JSON on stdout.
 
 The model is built from a config on the meta device and written tensor by tensor as float32
-safetensors shards (:class:`minillm.shards.ShardWriter`; never materialized whole), with the
+safetensors shards (:class:`minillm.model.shards.ShardWriter`; never materialized whole), with the
 SmolLM2 tokenizer (``--tokenizer``, e.g. the cache of ``benchmarks/_smollm2.py``). Each prune
 runs as its own ``python -m minillm.prune`` process; its peak is the process's resident
 high-water mark (``ru_maxrss`` from ``wait4``, which includes the interpreter and library
@@ -29,7 +29,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from minillm.shards import ShardWriter
+from minillm.model.shards import ShardWriter
 
 # TinyLlama-1.1B's shape with SmolLM2's vocabulary: 1.17e9 parameters, 4.7 GB in float32
 SHAPE = dict(
@@ -129,7 +129,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if not args.keep:
             shutil.rmtree(out)
-    from minillm.streaming import weights_bytes
+    from minillm.blocks.streaming import weights_bytes
 
     f32 = weights_bytes(model, "float32")
     result = {

@@ -2,12 +2,11 @@
 
 Both score the same rows (the first ``--limit`` of each task in ``--task-data-dir``) on the same
 in-memory model, task by task and side by side (HFLM first, then ``minillm``, per task), through
-``minillm.zeroshot.run_tasks``. Reported per task and in total: log-likelihood requests, seconds
-inside the model class (``loglikelihood``) and for the whole lm-eval run, requests/s, the
-speed-up (wall time, and process CPU time, which a machine shared with other jobs distorts
-less when torch runs one thread), accuracies, how many examples pick the same choice (``acc``
-and ``acc_norm`` per example) and the largest per-request log-likelihood difference. One JSON
-object on stdout.
+``minillm.evaluation.zeroshot.run_tasks``. Reported per task and in total: log-likelihood requests,
+seconds inside the model class (``loglikelihood``) and for the whole lm-eval run, requests/s, the
+speed-up (wall time, and process CPU time, which a machine shared with other jobs distorts less when
+torch runs one thread), accuracies, how many examples pick the same choice (``acc`` and ``acc_norm``
+per example) and the largest per-request log-likelihood difference. One JSON object on stdout.
 
 Command (see BENCHMARKS.md, "Zero-shot")::
 
@@ -25,8 +24,8 @@ import time
 import torch
 from _smollm2 import load_smollm2
 
-from minillm.zeroshot import TASKS, make_lm, run_tasks
-from minillm.zeroshot_lm import common_prefix_len
+from minillm.evaluation.zeroshot import TASKS, make_lm, run_tasks
+from minillm.evaluation.zeroshot_lm import common_prefix_len
 
 
 def timed(lm) -> dict:

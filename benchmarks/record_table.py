@@ -36,9 +36,9 @@ from _smollm2 import load_smollm2
 from bench_quality import other_domain_text
 
 from minillm import prune, recover
-from minillm.models import load_model
-from minillm.perplexity import perplexity_stats
-from minillm.zeroshot import zero_shot
+from minillm.evaluation.perplexity import perplexity_stats
+from minillm.evaluation.zeroshot import zero_shot
+from minillm.model.loading import load_model
 
 # name -> extra prune flags ("default": the CLI's default criterion)
 CONFIGS = {

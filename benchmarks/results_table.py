@@ -31,9 +31,9 @@ import torch
 from _smollm2 import load_smollm2
 
 from minillm import prune, recover
-from minillm.criteria import CRITERIA
-from minillm.io import load_pruned
-from minillm.perplexity import load_eval_text, perplexity_stats, tokenize_text
+from minillm.evaluation.perplexity import load_eval_text, perplexity_stats, tokenize_text
+from minillm.model.io import load_pruned
+from minillm.scoring.criteria import CRITERIA
 
 # criterion[@fms-variant][/global]: /global ranks units globally instead of a uniform per-layer
 # ratio; fms's layer variant only reweights whole layers, so it needs the global allocation

@@ -6,7 +6,7 @@ __all__ = ["load_pruned", "__version__"]
 
 def __getattr__(name: str):
     if name == "load_pruned":  # lazy: importing minillm.kernels must not pull in transformers
-        from minillm.io import load_pruned
+        from minillm.model.io import load_pruned
 
         return load_pruned
     raise AttributeError(f"module 'minillm' has no attribute '{name}'")

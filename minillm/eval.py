@@ -25,8 +25,19 @@ from pathlib import Path
 
 import torch
 
-from minillm.perplexity import eval_text_names, load_eval_text, perplexity_stats, tokenize_text
-from minillm.zeroshot import LM_CLASSES, TASKS, check_task_file, check_tasks, find_task_file
+from minillm.evaluation.perplexity import (
+    eval_text_names,
+    load_eval_text,
+    perplexity_stats,
+    tokenize_text,
+)
+from minillm.evaluation.zeroshot import (
+    LM_CLASSES,
+    TASKS,
+    check_task_file,
+    check_tasks,
+    find_task_file,
+)
 
 DEFAULT_SEQLEN = 2048
 BASE = "base"  # --speed-reference without a value: the pruned model's recorded base model
@@ -257,7 +268,7 @@ def evaluate(cfg: EvalConfig, model: torch.nn.Module, tokenizer) -> dict:
         results.setdefault("ppl_tokens", {})[name] = stats.predicted_tokens
         results.setdefault("ppl_seqlen", {})[name] = stats.seqlen
     if cfg.tasks:
-        from minillm.zeroshot import zero_shot
+        from minillm.evaluation.zeroshot import zero_shot
 
         scores = zero_shot(
             model,
@@ -273,7 +284,7 @@ def evaluate(cfg: EvalConfig, model: torch.nn.Module, tokenizer) -> dict:
             for metric, value in metrics.items():
                 results.setdefault(metric, {})[task] = value
     if cfg.generate:
-        from minillm.generation import DEFAULT_PROMPTS, generate_samples
+        from minillm.evaluation.generation import DEFAULT_PROMPTS, generate_samples
 
         prompts = cfg.prompts or list(DEFAULT_PROMPTS)
         results["generation"] = generate_samples(
@@ -299,12 +310,12 @@ def base_model_of(path: str) -> tuple[str | None, str | None]:
 def speed(cfg: EvalConfig, model: torch.nn.Module) -> dict:
     """``speed`` of the model; with a reference also ``speed_reference`` and ``speed_ratio``
     (model / reference, per throughput key), timed interleaved in this process."""
-    from minillm.generation import compare_speed, measure_speed
+    from minillm.evaluation.generation import compare_speed, measure_speed
 
     prompt, new = cfg.speed_tokens
     if cfg.speed_reference is None:
         return {"speed": measure_speed(model, prompt, new)}
-    from minillm.models import load_model
+    from minillm.model.loading import load_model
 
     if cfg.speed_reference == BASE:
         name, gguf = base_model_of(cfg.model or ".")
@@ -382,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     if cfg.quiet:
         silence_progress()
-    from minillm.models import load_model
+    from minillm.model.loading import load_model
 
     torch.manual_seed(cfg.seed)
     try:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from minillm.adapters import adapter_for
+from minillm.model.adapters import adapter_for
 
 log = logging.getLogger("minillm.export")
 
@@ -261,7 +261,7 @@ def export_gguf(
 
     Returns ``{"gguf", "architecture", "outtype", "tensors", "bytes"}``.
     """
-    from minillm.models import load_model
+    from minillm.model.loading import load_model
 
     model_dir, out = Path(model_dir), Path(out)
     if outtype not in OUTTYPES:

@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 import minillm
-from minillm import allocation
-from minillm.adapters import adapter_for
-from minillm.criteria import CRITERIA, ScoringContext, compensate, global_normalization
+from minillm.blocks.reconstruct import prune_sequential
 from minillm.data import HUB_CALIBRATION, calibration_batches
-from minillm.io import atomic_output_dir, check_output_dir, save_pruned
 from minillm.memory import PhaseMeter
-from minillm.models import DTYPES, load_model
-from minillm.reconstruct import prune_sequential
-from minillm.surgery import layer_records, prune_layer
+from minillm.model.adapters import adapter_for
+from minillm.model.io import atomic_output_dir, check_output_dir, save_pruned
+from minillm.model.loading import DTYPES, load_model
+from minillm.model.surgery import layer_records, prune_layer
+from minillm.scoring import allocation
+from minillm.scoring.criteria import CRITERIA, ScoringContext, compensate, global_normalization
 
 log = logging.getLogger("minillm")
 DATA_FREE_CRITERIA = ("random", "magnitude")  # these never look at calibration text
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--offload",
         action="store_true",
         help="stream one decoder block at a time from the checkpoint (automatic when the "
-        "weights exceed half the free memory; see minillm/streaming.py)",
+        "weights exceed half the free memory; see minillm/blocks/streaming.py)",
     )
     p.add_argument(
         "--resume",
@@ -271,7 +271,7 @@ def count_params(model: torch.nn.Module) -> int:
 def greedy_continuation(model, tokenizer, cfg: PruneConfig) -> str | None:
     if not cfg.prompt:
         return None
-    from minillm.generation import generate_samples
+    from minillm.evaluation.generation import generate_samples
 
     sample = generate_samples(model, tokenizer, [cfg.prompt], PROMPT_TOKENS, greedy_only=True)
     return sample[0]["greedy"]
@@ -288,7 +288,7 @@ def prunable_params(groups, keep: allocation.Keep | None = None) -> int:
 def eval_ppl(model, tokenizer, cfg: PruneConfig) -> float | None:
     if cfg.eval_text is None:
         return None
-    from minillm.perplexity import perplexity, read_text, tokenize_text
+    from minillm.evaluation.perplexity import perplexity, read_text, tokenize_text
 
     ids = tokenize_text(tokenizer, read_text(cfg.eval_text), cfg.eval_tokens)
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.eval_seqlen
@@ -337,7 +337,7 @@ def resolve_repair(cfg: PruneConfig, adapter) -> None:
 def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
     validate(cfg)
-    from minillm import streaming
+    from minillm.blocks import streaming
 
     if streaming.should_stream(cfg):
         return streaming.run(cfg)

@@ -445,7 +445,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[RecoverConfig, dict]:
 
 def validate(cfg: RecoverConfig) -> None:
     """Fail before any work or any write: bad numbers, missing files, an occupied --out."""
-    from minillm.io import check_output_dir
+    from minillm.model.io import check_output_dir
 
     for flag in ("rank", "epochs", "batch_size", "grad_accum", "save_every", "self_samples"):
         if getattr(cfg, flag) < 1:
@@ -501,7 +501,7 @@ def recorded_teacher(model_dir: str) -> tuple[str | None, str | None]:
 
 def load_teacher(cfg: RecoverConfig, gguf_file: str | None, vocab_size: int):
     """The dense teacher (eval mode, float32) and its description, or (None, None)."""
-    from minillm.models import load_model
+    from minillm.model.loading import load_model
 
     if cfg.teacher == "none":
         return None, None
@@ -529,8 +529,8 @@ def load_teacher(cfg: RecoverConfig, gguf_file: str | None, vocab_size: int):
 
 def run(cfg: RecoverConfig, teacher_gguf_file: str | None = None) -> dict:
     """Load, train LoRA, merge and save into ``cfg.out``; returns the report written there."""
-    from minillm.io import atomic_output_dir, save_pruned
-    from minillm.models import load_model
+    from minillm.model.io import atomic_output_dir, save_pruned
+    from minillm.model.loading import load_model
 
     validate(cfg)
     torch.manual_seed(cfg.seed)

@@ -40,8 +40,8 @@ def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
 
 def pruned_tiny(family: str = "llama") -> torch.nn.Module:
     """Tiny model with layer 0 at half its heads and a quarter of its channels (non-uniform)."""
-    from minillm.adapters import adapter_for
-    from minillm.surgery import first_units, prune_layer
+    from minillm.model.adapters import adapter_for
+    from minillm.model.surgery import first_units, prune_layer
 
     model = tiny_model(family)
     adapter = adapter_for(model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minillm.adapters import Group
+from minillm.model.adapters import Group
 
 
 def random_keep(group: Group, n_remove_per_partition: int, gen: torch.Generator) -> torch.Tensor:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from minillm.adapters import adapter_for
-from minillm.allocation import global_ranking, uniform
+from minillm.model.adapters import adapter_for
+from minillm.scoring.allocation import global_ranking, uniform
 
 
 def _groups(family="llama-gqa", gqa="query"):

@@ -7,10 +7,10 @@ import torch
 from conftest import VOCAB, make_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM
 
-from minillm.activations import collect_input_stats, sequence_losses
-from minillm.adapters import adapter_for
-from minillm.block_loop import capture, sequence_losses_from_hidden, sweep
-from minillm.gradients import weight_gradients
+from minillm.blocks.loop import capture, sequence_losses_from_hidden, sweep
+from minillm.model.adapters import adapter_for
+from minillm.scoring.activations import collect_input_stats, sequence_losses
+from minillm.scoring.gradients import weight_gradients
 
 TOKENS = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(4))
 

@@ -179,7 +179,7 @@ def test_reconstruct_output_reloads_with_refit_biases(tiny_model_dir, calib_file
     import torch
 
     import minillm
-    from minillm.adapters import adapter_for
+    from minillm.model.adapters import adapter_for
 
     out = tmp_path / "pruned"
     args = ["--model", tiny_model_dir, "--criterion", "wanda-sp", "--calib", calib_file]

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import VOCAB, make_tiny_model
 
-from minillm.adapters import adapter_for
-from minillm.criteria import CRITERIA, ScoringContext, compensate
+from minillm.model.adapters import adapter_for
+from minillm.scoring.criteria import CRITERIA, ScoringContext, compensate
 
 TOKENS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
 

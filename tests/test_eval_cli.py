@@ -9,8 +9,8 @@ import pytest
 from _tiny_lm import byte_tokenizer, pruned_tiny, tiny_model
 
 from minillm.eval import main
-from minillm.io import save_pruned
-from minillm.perplexity import perplexity_stats
+from minillm.evaluation.perplexity import perplexity_stats
+from minillm.model.io import save_pruned
 
 TASK_DATA = Path(__file__).parent / "data" / "zeroshot"
 TEXT = "The cat sat on the mat. A dog ran in the park. " * 20

@@ -8,7 +8,12 @@ import pytest
 import torch
 from _tiny_lm import byte_tokenizer, tiny_model
 
-from minillm.perplexity import load_eval_text, perplexity, perplexity_stats, tokenize_text
+from minillm.evaluation.perplexity import (
+    load_eval_text,
+    perplexity,
+    perplexity_stats,
+    tokenize_text,
+)
 
 
 def reference_ppl(model, ids: torch.Tensor, seqlen: int) -> float:

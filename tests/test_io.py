@@ -10,9 +10,9 @@ from conftest import make_tiny_model
 from test_surgery import prune_randomly
 from transformers import AutoModelForCausalLM
 
-from minillm.adapters import adapter_for
-from minillm.io import PRUNED_MODEL_TYPE, atomic_output_dir, load_pruned, save_pruned
-from minillm.surgery import prune_layer
+from minillm.model.adapters import adapter_for
+from minillm.model.io import PRUNED_MODEL_TYPE, atomic_output_dir, load_pruned, save_pruned
+from minillm.model.surgery import prune_layer
 
 
 def logits(model, ids):

@@ -164,7 +164,7 @@ def _fms_end_to_end(backend: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minillm.perturb import collect_input_stats, perturbed
+    from minillm.scoring.perturb import collect_input_stats, perturbed
 
     os.environ["MINILLM_BACKEND"] = backend
     torch.manual_seed(0)
@@ -223,7 +223,7 @@ def test_fms_end_to_end_identical_across_backends(monkeypatch) -> None:
 
 
 def test_perturbed_context_through_triton(triton_backend) -> None:
-    from minillm.perturb import collect_input_stats, perturbed
+    from minillm.scoring.perturb import collect_input_stats, perturbed
 
     torch.manual_seed(0)
     lin = nn.Linear(33, 17).to(DEVICE)

@@ -12,7 +12,7 @@ from minillm.kernels.noise import noise, unit_noise
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minillm.perturb import collect_input_stats, perturbed
+from minillm.scoring.perturb import collect_input_stats, perturbed
 
 BACKENDS = ["reference", "cpp"]
 

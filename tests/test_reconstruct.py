@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import VOCAB, make_tiny_model
 
-from minillm.adapters import adapter_for
-from minillm.reconstruct import Gram, prune_sequential, refit_weights, select_removals
-from minillm.surgery import prune_layer
+from minillm.blocks.reconstruct import Gram, prune_sequential, refit_weights, select_removals
+from minillm.model.adapters import adapter_for
+from minillm.model.surgery import prune_layer
 
 TOKENS = torch.randint(0, VOCAB, (6, 24), generator=torch.Generator().manual_seed(7))
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from _tiny_lm import byte_tokenizer, pruned_tiny, tiny_model
 
-from minillm.adapters import adapter_for
-from minillm.io import load_pruned, save_pruned
+from minillm.model.adapters import adapter_for
+from minillm.model.io import load_pruned, save_pruned
+from minillm.model.surgery import layer_records
 from minillm.recover import RecoverConfig, add_lora, main, recovery_loss
-from minillm.surgery import layer_records
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from test_surgery import prune_randomly
 from transformers import AutoModelForCausalLM
 
-from minillm.adapters import adapter_for
-from minillm.io import MODELING_FILE, PRUNED_MODEL_TYPE, load_pruned, save_pruned
+from minillm.model.adapters import adapter_for
+from minillm.model.io import MODELING_FILE, PRUNED_MODEL_TYPE, load_pruned, save_pruned
+from minillm.model.surgery import prune_layer
 from minillm.prune import main as prune_main
-from minillm.surgery import prune_layer
 
 LOADER = Path(__file__).with_name("_load_without_minillm.py")
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))

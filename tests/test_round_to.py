@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from minillm.adapters import adapter_for
-from minillm.allocation import round_to_multiples
+from minillm.model.adapters import adapter_for
 from minillm.prune import main, parse_round_to
+from minillm.scoring.allocation import round_to_multiples
 
 
 @pytest.fixture

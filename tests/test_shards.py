@@ -12,11 +12,11 @@ from test_io import logits
 from test_surgery import prune_randomly
 from transformers import AutoModelForCausalLM
 
-from minillm import shards
-from minillm.adapters import adapter_for
-from minillm.io import OutputError, atomic_output_dir, load_pruned, save_pruned
+from minillm.model import shards
+from minillm.model.adapters import adapter_for
+from minillm.model.io import OutputError, atomic_output_dir, load_pruned, save_pruned
+from minillm.model.surgery import prune_layer
 from minillm.prune import main
-from minillm.surgery import prune_layer
 
 SMALL = 40_000  # bytes per shard: a tiny model becomes several shards
 

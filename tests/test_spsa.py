@@ -9,10 +9,10 @@ from conftest import VOCAB, make_tiny_model
 from minillm.kernels.noise import noise
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from minillm import gradients as exact
-from minillm import spsa
-from minillm.adapters import adapter_for
-from minillm.criteria import CRITERIA, ScoringContext
+from minillm.model.adapters import adapter_for
+from minillm.scoring import gradients as exact
+from minillm.scoring import spsa
+from minillm.scoring.criteria import CRITERIA, ScoringContext
 
 TOKENS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
 

@@ -13,8 +13,9 @@ import torch
 from conftest import make_tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from minillm import shards, streaming
-from minillm.io import load_pruned
+from minillm.blocks import streaming
+from minillm.model import shards
+from minillm.model.io import load_pruned
 from minillm.prune import main
 
 SHARD = 30_000  # bytes: tiny checkpoints and outputs become several shards
@@ -154,7 +155,7 @@ def test_embedded_gguf_streams_through_a_safetensors_cache(tmp_path, monkeypatch
 
 KILL_AT_BLOCK_2 = """
 import os, signal, sys
-from minillm import streaming
+from minillm.blocks import streaming
 from minillm.prune import main
 
 load = streaming.StreamedModel.load

@@ -9,8 +9,8 @@ import torch
 from conftest import make_tiny_model
 from helpers import mask_removed, random_keep
 
-from minillm.adapters import adapter_for
-from minillm.surgery import layer_records, prune_layer
+from minillm.model.adapters import adapter_for
+from minillm.model.surgery import layer_records, prune_layer
 
 
 def prune_randomly(model, uniform: bool, gqa: str = "query", seed: int = 0):

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from minillm.activations import InputStats
+from minillm.scoring.activations import InputStats
 
 
 def setup(device: str) -> tuple[int, int]:
@@ -45,7 +45,7 @@ def all_reduce_stats(stats: dict) -> None:
 
 
 def all_reduce_gram(gram) -> None:
-    """Sum a :class:`minillm.reconstruct.Gram` over ranks, in place (no-op in one process)."""
+    """Sum a :class:`~minillm.blocks.reconstruct.Gram` over ranks, in place (no-op alone)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     count = torch.tensor([gram.count], dtype=torch.float64, device=gram.xtx.device)

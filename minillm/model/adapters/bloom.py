@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minillm.adapters.base import Adapter, Block, Group
+from minillm.model.adapters.base import Adapter, Block, Group
 
 
 def _select_alibi_heads(head_ids: torch.Tensor, n_heads: int):

@@ -63,7 +63,7 @@ def load_model(
     """(model in eval mode on ``device``, tokenizer). ``model=None`` loads the embedded default."""
     torch_dtype = parse_dtype(dtype)
     if model is not None and gguf_file is None and is_minillm_dir(model):
-        from minillm.io import load_pruned
+        from minillm.model.io import load_pruned
 
         net = load_pruned(model, dtype=dtype, device=device)
         return net, AutoTokenizer.from_pretrained(model)

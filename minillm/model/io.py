@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from minillm import modeling_minillm
-from minillm.adapters import adapter_for
-from minillm.models import parse_dtype
-from minillm.shards import DEFAULT_SHARD_BYTES, check_shards, load_sharded, save_sharded
-from minillm.surgery import layer_records, resize_to_records
+from minillm.model import modeling_minillm
+from minillm.model.adapters import adapter_for
+from minillm.model.loading import parse_dtype
+from minillm.model.shards import DEFAULT_SHARD_BYTES, check_shards, load_sharded, save_sharded
+from minillm.model.surgery import layer_records, resize_to_records
 
 PRUNED_MODEL_TYPE = modeling_minillm.MODEL_TYPE
 MODELING_FILE = Path(modeling_minillm.__file__).name
@@ -167,7 +167,7 @@ def save_pruned(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     write_weights: bool = True,
 ) -> dict:
-    """Write config.json, the weights (:mod:`minillm.shards`: ``model.safetensors``, or shards
+    """Write config.json, the weights (:mod:`minillm.model.shards`: ``model.safetensors``, or shards
     of at most ``max_shard_bytes`` plus an index) and the tokenizer into ``out_dir``.
     ``write_weights=False``: the caller wrote them (a streamed run; ``model`` may be on meta).
 

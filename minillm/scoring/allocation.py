@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from minillm.adapters import Group
-from minillm.criteria import Scores
+from minillm.model.adapters import Group
+from minillm.scoring.criteria import Scores
 
 Keep = dict[tuple[int, str], torch.Tensor]
 
@@ -80,15 +80,14 @@ def global_ranking(
 ) -> Keep:
     """Remove the lowest-scoring units across layers until ``ratio`` of their parameters are gone.
 
-    Scores are made comparable across groups by ``normalize``: ``"mean"`` divides by the
-    group's mean (relative importance within the layer), ``"standardize"`` subtracts the mean
-    and divides by the standard deviation (FLAP), ``"none"`` uses them as they are (criteria
-    whose scores already carry a cross-layer scale; :func:`minillm.criteria.global_normalization`
-    says which). Units are ranked by normalized score, not per parameter, and the budget counts
-    parameters. ``together=False`` ranks heads and channels apart, each losing ``ratio`` of its
-    own parameters; ``True`` ranks them in one list. A GQA removal step (one query head in every
-    KV group) is one item scored by its mean, so head counts stay GQA-valid; every partition
-    keeps at least one unit.
+    Scores are made comparable across groups by ``normalize``: ``"mean"`` divides by the group's
+    mean (relative importance within the layer), ``"standardize"`` subtracts the mean and divides by
+    the standard deviation (FLAP), ``"none"`` uses them as they are (criteria whose scores already
+    carry a cross-layer scale; :func:`minillm.scoring.criteria.global_normalization` says which).
+    Units are ranked by normalized score, not per parameter, and the budget counts parameters.
+    ``together=False`` ranks heads and channels apart, each losing ``ratio`` of its own parameters;
+    ``True`` ranks them in one list. A GQA removal step (one query head in every KV group) is one
+    item scored by its mean, so head counts stay GQA-valid; every partition keeps at least one unit.
     """
     kinds = [None] if together else sorted({g.kind for g in groups})
     keep = {}

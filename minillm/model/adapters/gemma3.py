@@ -19,7 +19,7 @@ replays block 0's mask and RoPE for every block while Gemma 3's global layers ne
 
 from __future__ import annotations
 
-from minillm.adapters.llama import LlamaAdapter
+from minillm.model.adapters.llama import LlamaAdapter
 
 
 class Gemma3Adapter(LlamaAdapter):

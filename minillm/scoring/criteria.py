@@ -1,7 +1,7 @@
 """Importance criteria: each maps a group's units to scores (higher = more important).
 
 A criterion is a function ``(ctx: ScoringContext) -> {(layer, kind): Tensor[n_units]}``.
-A unit's weights are its producer rows and consumer columns (:mod:`minillm.adapters.base`);
+A unit's weights are its producer rows and consumer columns (:mod:`minillm.model.adapters.base`);
 ``X_j`` is input feature ``j`` of a weight's linear over all calibration tokens, ``G = dL/dW``
 for ``L`` the mean next-token loss of the calibration sequences.
 
@@ -26,11 +26,11 @@ for ``L`` the mean next-token loss of the calibration sequences.
   - ``fms_variant="removal"``: the layer factor from a secant instead of a tangent: ``D_l``, the
     loss increase of removing group ``l``'s lowest-``A`` units (fraction ``options["ratio"]``,
     default 0.2), estimated by SPSA whose perturbation is that removal in random halves of
-    the groups (:func:`minillm.spsa.spsa_multipliers` with ``candidates``):
+    the groups (:func:`minillm.scoring.spsa.spsa_multipliers` with ``candidates``):
     ``S_u = A_u / mean_v(A_v) * (max(D_l, 0.1 mean|D|) / mean_l'(...)) ** alpha``.
 
-  ``gradients="spsa"`` (default) estimates ``g`` from forward passes (:mod:`minillm.spsa`);
-  ``gradients="backprop"`` computes it exactly (:mod:`minillm.gradients`; for ``removal``,
+  ``gradients="spsa"`` (default) estimates ``g`` from forward passes (:mod:`minillm.scoring.spsa`);
+  ``gradients="backprop"`` computes it exactly (:mod:`minillm.scoring.gradients`; for ``removal``,
   which has no gradient, the exact one-group-at-a-time measurement).
 
 Options read from ``ctx.options`` (defaults in :data:`DEFAULT_OPTIONS`).
@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from minillm import gradients as exact
-from minillm import spsa
-from minillm.activations import InputStats, collect_input_stats
-from minillm.adapters import Adapter, Block, Group
 from minillm.kernels import ops
+from minillm.model.adapters import Adapter, Block, Group
+from minillm.scoring import gradients as exact
+from minillm.scoring import spsa
+from minillm.scoring.activations import InputStats, collect_input_stats
 
 Scores = dict[tuple[int, str], torch.Tensor]
 
@@ -72,7 +72,7 @@ class ScoringContext:
     ``batches`` is calibration token ids ``[n_samples, seqlen]``. ``cache`` holds what one
     criterion computed for another step (the input statistics, used by :func:`compensate`).
     ``source``: where decoder blocks come from when the model is not resident (a block
-    source of :mod:`minillm.block_loop`; used by the block-by-block exact gradients).
+    source of :mod:`minillm.blocks.loop`; used by the block-by-block exact gradients).
     """
 
     model: nn.Module
@@ -171,7 +171,7 @@ def flap(ctx: ScoringContext) -> Scores:
 
 def _exact_sums(ctx: ScoringContext, per_weight) -> dict:
     """Row and column sums of ``per_weight(W, G, stats)`` ``[out, in]`` for every linear, with
-    ``G`` exact and block by block (:func:`minillm.gradients.weight_gradients`)."""
+    ``G`` exact and block by block (:func:`minillm.scoring.gradients.weight_gradients`)."""
 
     def reduce(lin, grad, stats):
         s = per_weight(lin.weight.detach().float(), grad, stats)
@@ -342,7 +342,8 @@ def compensate(ctx: ScoringContext, keep: dict[tuple[int, str], torch.Tensor]) -
 
 
 def global_normalization(criterion: str, options: dict | None = None) -> str:
-    """The ``normalize`` argument of :func:`minillm.allocation.global_ranking` for a criterion.
+    """The ``normalize`` argument of :func:`~minillm.scoring.allocation.global_ranking` for a
+    criterion.
 
     FLAP standardizes per group; the ``fms`` layer and removal variants are comparable as they
     are (their layer factor is the point); every other criterion is divided by its group mean.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from minillm.adapters.base import Adapter, Block, Group, same_sizes
+from minillm.model.adapters.base import Adapter, Block, Group, same_sizes
 
 
 class OPTAdapter(Adapter):

@@ -5,21 +5,21 @@ buffers such as rotary frequencies real) plus a safetensors checkpoint (one file
 an index; every file is checked through ``safe_open`` on construction, then each tensor is read
 with plain file I/O when its part is loaded: a memory map would add the file's pages to the
 resident size, doubling a part while it is copied). It is
-the block source of :mod:`minillm.block_loop`: ``load(part)`` materializes ``"embed"``, block
+the block source of :mod:`minillm.blocks.loop`: ``load(part)`` materializes ``"embed"``, block
 ``i`` or ``"head"`` on the compute device, ``release(part)`` returns it to meta.
 
 :func:`run` (``python -m minillm.prune --offload``) does what the in-memory run does, in two
 passes over the checkpoint:
 
-1. score: embeddings -> block 0 -> ... through :func:`minillm.block_loop.sweep`; each pruned
+1. score: embeddings -> block 0 -> ... through :func:`minillm.blocks.loop.sweep`; each pruned
    block's input statistics are reduced while it runs on the hidden states of every calibration
    sequence and its groups are scored right away (``magnitude``, ``wanda-sp``, ``flap`` need only
    that block); ``taylor`` runs the block-by-block exact gradients with this source; ``random``
    needs no weights. Blocks above the last pruned one are not loaded for forward-only criteria.
 2. allocate (uniform or global, as in memory), then load each block again, compensate (FLAP),
-   prune it, release it: with a :class:`~minillm.shards.ShardWriter` attached, a part is
-   written when released. ``--reconstruct`` runs :func:`minillm.reconstruct.prune_sequential`
-   (a :func:`~minillm.block_loop.sweep` visit per block) unchanged with this source.
+   prune it, release it: with a :class:`~minillm.model.shards.ShardWriter` attached, a part is
+   written when released. ``--reconstruct`` runs :func:`minillm.blocks.reconstruct.prune_sequential`
+   (a :func:`~minillm.blocks.loop.sweep` visit per block) unchanged with this source.
 
 Peak memory is one block, the embedding or LM head, and the calibration hidden states of one
 boundary (``taylor`` keeps one per block, spilled to disk), whatever the depth.
@@ -47,19 +47,21 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from minillm import allocation, distributed, shards
-from minillm.activations import InputStats, collected_stats
-from minillm.adapters import adapter_for
-from minillm.block_loop import capture, resident, run_block, sweep
-from minillm.criteria import CRITERIA, ScoringContext, compensate
+from minillm.blocks import distributed
+from minillm.blocks.loop import capture, resident, run_block, sweep
+from minillm.blocks.reconstruct import prune_sequential
+from minillm.blocks.resume import ResumeState
 from minillm.data import calibration_batches
-from minillm.io import atomic_output_dir, save_pruned
 from minillm.memory import PhaseMeter
-from minillm.models import load_model, parse_dtype
+from minillm.model import shards
+from minillm.model.adapters import adapter_for
+from minillm.model.io import atomic_output_dir, save_pruned
+from minillm.model.loading import load_model, parse_dtype
+from minillm.model.surgery import prune_layer
 from minillm.prune import HELDOUT_TEXT, parse_round_to, prunable_params
-from minillm.reconstruct import prune_sequential
-from minillm.resume import ResumeState
-from minillm.surgery import prune_layer
+from minillm.scoring import allocation
+from minillm.scoring.activations import InputStats, collected_stats
+from minillm.scoring.criteria import CRITERIA, ScoringContext, compensate
 
 log = logging.getLogger("minillm")
 BLOCK_CRITERIA = ("magnitude", "wanda-sp", "flap")  # a layer's scores need only its block

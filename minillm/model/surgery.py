@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minillm.adapters import Adapter, Group
+from minillm.model.adapters import Adapter, Group
 
 
 def slice_linear(linear: nn.Linear, dim: int, index: torch.Tensor) -> None:

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minillm import distributed
-from minillm.adapters import Adapter
-from minillm.block_loop import BlockSource, Boundary, capture, run_block, sweep
-from minillm.surgery import prune_layer
+from minillm.blocks import distributed
+from minillm.blocks.loop import BlockSource, Boundary, capture, run_block, sweep
+from minillm.model.adapters import Adapter
+from minillm.model.surgery import prune_layer
 
 log = logging.getLogger("minillm")
 
@@ -253,11 +253,12 @@ def prune_sequential(
     select: bool = False,
     source: BlockSource | None = None,
 ) -> None:
-    """Prune ``layers`` bottom-up to the kept units ``keep`` (as :func:`minillm.surgery.prune_layer`
-    would), refitting each consumer on the calibration ``tokens`` ``[n, seqlen]`` as they reach
-    the layer through the already-pruned layers below it. ``select=True``: ``keep`` gives only
+    """Prune ``layers`` bottom-up to the kept units ``keep`` (as
+    :func:`minillm.model.surgery.prune_layer` would), refitting each consumer on the calibration
+    ``tokens`` ``[n, seqlen]`` as they reach the layer through the already-pruned layers below
+    it. ``select=True``: ``keep`` gives only
     how many units each layer keeps; which ones is decided by :func:`select_removals`.
-    ``source``: blocks loaded and released one at a time (:mod:`minillm.block_loop`)."""
+    ``source``: blocks loaded and released one at a time (:mod:`minillm.blocks.loop`)."""
     boundary = capture(model, adapter, tokens, batch_size, source)
     top = max(layers)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.perturb import collect_input_stats as fused_input_stats
+from minillm.scoring.perturb import collect_input_stats as fused_input_stats
 
 
 @dataclass

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from minillm.adapters.base import Adapter, Block, Group
-from minillm.adapters.bloom import BloomAdapter
-from minillm.adapters.gemma3 import Gemma3Adapter
-from minillm.adapters.llama import LlamaAdapter
-from minillm.adapters.opt import OPTAdapter
+from minillm.model.adapters.base import Adapter, Block, Group
+from minillm.model.adapters.bloom import BloomAdapter
+from minillm.model.adapters.gemma3 import Gemma3Adapter
+from minillm.model.adapters.llama import LlamaAdapter
+from minillm.model.adapters.opt import OPTAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), OPTAdapter(), BloomAdapter(), Gemma3Adapter())
 

@@ -1,7 +1,7 @@
 """The block loop: calibration hidden states at a decoder-block boundary, one block at a time.
 
-Exact block-by-block gradients (:mod:`minillm.gradients`) and reconstruction
-(:mod:`minillm.reconstruct`) share this shape of computation (SparseGPT/Wanda process layers
+Exact block-by-block gradients (:mod:`minillm.scoring.gradients`) and reconstruction
+(:mod:`minillm.blocks.reconstruct`) share this shape of computation (SparseGPT/Wanda process layers
 the same way): catch the inputs of the first decoder block for every calibration micro-batch,
 then run the blocks one after the other on them. Memory is one block's activations plus the
 hidden states of one boundary, ``n * seqlen * hidden`` values, whatever the depth.
@@ -10,7 +10,7 @@ A :class:`Boundary` holds, per micro-batch, the hidden states ``[b, seqlen, hidd
 keyword arguments every decoder block receives (attention mask, rotary position embeddings,
 BLOOM's ALiBi tensor), captured once from the model's own forward.
 
-A *block source* (:class:`BlockSource`, e.g. :class:`minillm.streaming.StreamedModel`) makes
+A *block source* (:class:`BlockSource`, e.g. :class:`minillm.blocks.streaming.StreamedModel`) makes
 the loop work on a model whose weights are not resident: each part is loaded right before it
 runs and released right after (``"embed"``: the embedding stage, ``i``: decoder block ``i``,
 ``"head"``: final norm and LM head). With ``source=None`` everything is already resident.
@@ -29,8 +29,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from minillm.activations import chunked_lm_loss
-from minillm.adapters import Adapter
+from minillm.model.adapters import Adapter
+from minillm.scoring.activations import chunked_lm_loss
 
 
 @dataclass

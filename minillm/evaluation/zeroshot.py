@@ -185,7 +185,7 @@ def make_lm(
     """lm-eval model around an in-memory model: ``minillm`` (shared prefix) or ``hf`` (HFLM)."""
     from lm_eval.api.registry import get_model
 
-    import minillm.zeroshot_lm  # noqa: F401  (registers "minillm" with lm-eval)
+    import minillm.evaluation.zeroshot_lm  # noqa: F401  (registers "minillm" with lm-eval)
 
     if lm_class not in LM_CLASSES:
         raise ValueError(f"--lm-eval-model: unknown '{lm_class}'; valid: {', '.join(LM_CLASSES)}")

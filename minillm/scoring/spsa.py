@@ -8,7 +8,7 @@ Two kinds of variables are perturbed, both without touching (or copying) a param
   its units, ``x[..., cols(c)] * (1 + m_c)``, at ``m = 0`` in the unperturbed model, so
   ``dL/dm_c = sum_{(i,j) in consumer block of c} W_ij dL/dW_ij``.
 * **weights** (:func:`spsa_weights`, the paper-faithful per-weight estimate): every listed
-  linear computes with ``W +- eps Z`` through :func:`minillm.perturb.perturbed`.
+  linear computes with ``W +- eps Z`` through :func:`minillm.scoring.perturb.perturbed`.
 
 Estimator (central differences, ``+`` and ``-`` halves of one batch of ``2B`` sequences)::
 
@@ -32,9 +32,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from minillm.activations import sequence_losses
-from minillm.adapters import Group
 from minillm.kernels.noise import unit_noise
+from minillm.model.adapters import Group
+from minillm.scoring.activations import sequence_losses
 
 Estimate = list[tuple[int, float]]
 SHARING = ("global", "batch", "sequence")
@@ -218,7 +218,7 @@ def spsa_weights(
     ``sharing`` is ``"global"`` or ``"batch"`` (a dense perturbation is the same for every
     sequence of a pass). Returns ``(estimate, forward_passes)``.
     """
-    from minillm.perturb import perturbed
+    from minillm.scoring.perturb import perturbed
 
     if sharing == "sequence":
         raise ValueError("per-weight perturbations are shared by a pass: use global or batch")

@@ -1,7 +1,7 @@
 """Exact gradients by backpropagation, block by block for weights (:func:`weight_gradients`).
 
 The loss is the mean over calibration sequences of each sequence's mean next-token loss,
-the same ``L`` that :mod:`minillm.spsa` estimates. Parameters are never modified;
+the same ``L`` that :mod:`minillm.scoring.spsa` estimates. Parameters are never modified;
 ``requires_grad`` flags and ``.grad`` fields are restored on exit.
 """
 
@@ -13,9 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from minillm.activations import InputStats, collected_stats, sequence_losses
-from minillm.adapters import Adapter, Group, adapter_for
-from minillm.block_loop import (
+from minillm.blocks.loop import (
     BlockSource,
     Boundary,
     HiddenStore,
@@ -25,7 +23,9 @@ from minillm.block_loop import (
     run_block,
     sequence_losses_from_hidden,
 )
-from minillm.spsa import n_coords, scaled_consumer_inputs
+from minillm.model.adapters import Adapter, Group, adapter_for
+from minillm.scoring.activations import InputStats, collected_stats, sequence_losses
+from minillm.scoring.spsa import n_coords, scaled_consumer_inputs
 
 
 @contextmanager
@@ -87,14 +87,14 @@ def weight_gradients(
     """``dL/dW`` of each linear over ``tokens`` ``[n, seqlen]``, one decoder block at a time.
 
     A forward sweep stores every block's input hidden states (``spill=True``: on disk, see
-    :class:`~minillm.block_loop.HiddenStore`); then from the top block down each block is
+    :class:`~minillm.blocks.loop.HiddenStore`); then from the top block down each block is
     recomputed with grad on micro-batches of ``batch_size`` and the stored ``dL/d output`` is
     backpropagated through it. The gradients of one block's linears are complete after its
     step; ``reduce(linear, grad [out, in] float32, input_stats)`` turns each into what the caller
     keeps (the gradient itself by default) before the next block, so one block's gradients live
     at a time. Blocks below the lowest listed linear are never backpropagated. The linears'
     input statistics are reduced during the forward sweep. With a ``source``
-    (:mod:`minillm.block_loop`) each block is loaded for its forward and again for its backward.
+    (:mod:`minillm.blocks.loop`) each block is loaded for its forward and again for its backward.
 
     Returns ``({linear: reduce(linear, grad)}, forward_passes, {linear: InputStats})``.
     """
@@ -161,7 +161,7 @@ def multiplier_gradients(
     resolution: str = "layer",
     batch_size: int = 4,
 ) -> tuple[list[torch.Tensor], int]:
-    """Exact ``dL/dm`` ``[n_coords]`` per group for the multipliers of :mod:`minillm.spsa`.
+    """Exact ``dL/dm`` ``[n_coords]`` per group for the multipliers of :mod:`minillm.scoring.spsa`.
 
     Returns ``([grad per group], forward_passes)``.
     """
