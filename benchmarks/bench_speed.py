@@ -21,7 +21,7 @@ import argparse
 import copy
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 from _smollm2 import load_smollm2
@@ -61,17 +61,25 @@ def main() -> None:
     cfg = prune.PruneConfig(**vars(prune.build_parser().parse_args(argv)))
     dense, tok = load_smollm2(args.cache_dir)
     adapter = adapter_for(dense)
-    layers = prune.parse_layers(cfg.layers, len(adapter.layers(dense)))
+    layers = allocation.parse_layers(cfg.layers, len(adapter.layers(dense)))
     groups = [adapter.groups(dense, i, cfg.gqa)[k] for i in layers for k in ("heads", "channels")]
     batches = calibration_batches(cfg.calib, tok, cfg.nsamples, cfg.seqlen, cfg.seed, dense)
     options = {k: v for k, v in asdict(cfg).items() if v is not None}
     scores = CRITERIA[cfg.criterion](
         ScoringContext(dense, adapter, groups, batches, cfg.seed, options=options)
     )
-    multiples = prune.parse_round_to(args.round_to)
+    multiples = allocation.parse_round_to(args.round_to)
     models = {"dense": dense}
     for ratio in (float(r) for r in args.ratios.split(",")):
-        keep = prune.allocate(groups, scores, replace(cfg, ratio=ratio), options)
+        keep = allocation.allocate(
+            groups,
+            scores,
+            ratio,
+            cfg.criterion,
+            options,
+            per_layer=cfg.uniform,
+            together=cfg.rank_together,
+        )
         name = f"{cfg.criterion}-{ratio:g}"
         models[name] = pruned_copy(dense, adapter, keep, layers, cfg.gqa)
         rounded = allocation.round_to_multiples(groups, scores, keep, multiples)

@@ -25,6 +25,12 @@ from pathlib import Path
 
 import torch
 
+from minillm.evaluation.generation import (
+    DEFAULT_PROMPTS,
+    compare_speed,
+    generate_samples,
+    measure_speed,
+)
 from minillm.evaluation.perplexity import (
     eval_text_names,
     load_eval_text,
@@ -37,7 +43,11 @@ from minillm.evaluation.zeroshot import (
     check_task_file,
     check_tasks,
     find_task_file,
+    zero_shot,
 )
+
+# minillm.model (so transformers, seconds to import) is imported where a model is loaded: --help
+# and flag errors come back without it
 
 DEFAULT_SEQLEN = 2048
 BASE = "base"  # --speed-reference without a value: the pruned model's recorded base model
@@ -268,8 +278,6 @@ def evaluate(cfg: EvalConfig, model: torch.nn.Module, tokenizer) -> dict:
         results.setdefault("ppl_tokens", {})[name] = stats.predicted_tokens
         results.setdefault("ppl_seqlen", {})[name] = stats.seqlen
     if cfg.tasks:
-        from minillm.evaluation.zeroshot import zero_shot
-
         scores = zero_shot(
             model,
             tokenizer,
@@ -284,8 +292,6 @@ def evaluate(cfg: EvalConfig, model: torch.nn.Module, tokenizer) -> dict:
             for metric, value in metrics.items():
                 results.setdefault(metric, {})[task] = value
     if cfg.generate:
-        from minillm.evaluation.generation import DEFAULT_PROMPTS, generate_samples
-
         prompts = cfg.prompts or list(DEFAULT_PROMPTS)
         results["generation"] = generate_samples(
             model, tokenizer, prompts, cfg.max_new_tokens, seed=cfg.seed
@@ -310,8 +316,6 @@ def base_model_of(path: str) -> tuple[str | None, str | None]:
 def speed(cfg: EvalConfig, model: torch.nn.Module) -> dict:
     """``speed`` of the model; with a reference also ``speed_reference`` and ``speed_ratio``
     (model / reference, per throughput key), timed interleaved in this process."""
-    from minillm.evaluation.generation import compare_speed, measure_speed
-
     prompt, new = cfg.speed_tokens
     if cfg.speed_reference is None:
         return {"speed": measure_speed(model, prompt, new)}

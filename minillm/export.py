@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from minillm.model.adapters import adapter_for
+from minillm.model.loading import load_model
 
 log = logging.getLogger("minillm.export")
 
@@ -261,8 +262,6 @@ def export_gguf(
 
     Returns ``{"gguf", "architecture", "outtype", "tensors", "bytes"}``.
     """
-    from minillm.model.loading import load_model
-
     model_dir, out = Path(model_dir), Path(out)
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype: '{outtype}' is not one of {', '.join(OUTTYPES)}")

@@ -19,19 +19,23 @@ from pathlib import Path
 import torch
 
 import minillm
+from minillm.blocks import streaming
 from minillm.blocks.reconstruct import prune_sequential
-from minillm.data import HUB_CALIBRATION, calibration_batches
+from minillm.data import HUB_CALIBRATION, calibration_batches, read_text
+from minillm.evaluation.generation import generate_samples
+from minillm.evaluation.perplexity import HELDOUT_TEXT, perplexity, tokenize_text
 from minillm.memory import PhaseMeter
 from minillm.model.adapters import adapter_for
+from minillm.model.dtypes import DTYPES
 from minillm.model.io import atomic_output_dir, check_output_dir, save_pruned
-from minillm.model.loading import DTYPES, load_model
-from minillm.model.surgery import layer_records, prune_layer
+from minillm.model.loading import load_model
+from minillm.model.surgery import count_params, layer_records, prune_layer
 from minillm.scoring import allocation
-from minillm.scoring.criteria import CRITERIA, ScoringContext, compensate, global_normalization
+from minillm.scoring.allocation import parse_layers, parse_round_to, prunable_params
+from minillm.scoring.criteria import CRITERIA, ScoringContext, compensate
 
 log = logging.getLogger("minillm")
 DATA_FREE_CRITERIA = ("random", "magnitude")  # these never look at calibration text
-HELDOUT_TEXT = Path(__file__).parent / "texts" / "wikitext2_test_excerpt.txt"  # CC BY-SA 3.0
 PROMPT = "The capital of France is"
 PROMPT_TOKENS = 16
 
@@ -206,36 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_layers(spec: str | None, n_layers: int) -> list[int]:
-    """Layer indices of an inclusive range ``a-b`` (or one index); default as LLM-Pruner."""
-    if spec is None:
-        return list(range(max(1, n_layers // 8), n_layers - max(1, -(-n_layers // 16))))
-    try:
-        first, _, last = spec.partition("-")
-        lo, hi = int(first), int(last or first)
-    except ValueError:
-        raise ValueError(f"--layers: '{spec}' is not a range such as 3-27") from None
-    if not 0 <= lo <= hi < n_layers:
-        raise ValueError(f"--layers: '{spec}' is outside 0-{n_layers - 1}")
-    return list(range(lo, hi + 1))
-
-
-def parse_round_to(spec: str | None) -> dict[str, int]:
-    """``{"heads": n, "channels": m}`` of ``--round-to`` ('8' means both kinds; {} if None)."""
-    if spec is None:
-        return {}
-    items = spec.split(",") if "=" in spec else [f"heads={spec}", f"channels={spec}"]
-    multiples = {}
-    for item in items:
-        kind, _, value = item.partition("=")
-        if kind not in ("heads", "channels") or not value.isdigit() or int(value) < 1:
-            raise ValueError(
-                f"--round-to: '{spec}' is not N or heads=N,channels=M with integers N, M >= 1"
-            )
-        multiples[kind] = int(value)
-    return multiples
-
-
 def validate(cfg: PruneConfig) -> None:
     """Reject bad input before any heavy work; each error names its flag."""
     if not 0.0 < cfg.ratio < 1.0:
@@ -264,45 +238,19 @@ def validate(cfg: PruneConfig) -> None:
     check_output_dir(cfg.out, cfg.overwrite)
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def greedy_continuation(model, tokenizer, cfg: PruneConfig) -> str | None:
     if not cfg.prompt:
         return None
-    from minillm.evaluation.generation import generate_samples
-
     sample = generate_samples(model, tokenizer, [cfg.prompt], PROMPT_TOKENS, greedy_only=True)
     return sample[0]["greedy"]
-
-
-def prunable_params(groups, keep: allocation.Keep | None = None) -> int:
-    """Parameters of the units of ``groups`` (only those kept in ``keep``, if given)."""
-    return sum(
-        g.unit_params() * (g.n_units if keep is None else len(keep[(g.layer, g.kind)]))
-        for g in groups
-    )
 
 
 def eval_ppl(model, tokenizer, cfg: PruneConfig) -> float | None:
     if cfg.eval_text is None:
         return None
-    from minillm.evaluation.perplexity import perplexity, read_text, tokenize_text
-
     ids = tokenize_text(tokenizer, read_text(cfg.eval_text), cfg.eval_tokens)
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.eval_seqlen
     return perplexity(model, ids, min(cfg.eval_seqlen, limit), progress=not cfg.quiet)
-
-
-def allocate(groups, scores, cfg: PruneConfig, options: dict) -> allocation.Keep:
-    """Kept units per group: uniform ratios, or one global ranking made comparable."""
-    if cfg.uniform:
-        return allocation.uniform(groups, scores, cfg.ratio)
-    normalize = global_normalization(cfg.criterion, options)
-    return allocation.global_ranking(
-        groups, scores, cfg.ratio, normalize=normalize, together=cfg.rank_together
-    )
 
 
 def library_versions() -> dict[str, str]:
@@ -337,10 +285,8 @@ def resolve_repair(cfg: PruneConfig, adapter) -> None:
 def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
     validate(cfg)
-    from minillm.blocks import streaming
-
     if streaming.should_stream(cfg):
-        return streaming.run(cfg)
+        return streaming.run(cfg, resolve_repair, pruning_report)
     meter = PhaseMeter(cfg.device)
     # transformers' GGUF de-quantization bar cannot be switched off: swallow it under --quiet
     silence = contextlib.redirect_stderr(io.StringIO()) if cfg.quiet else contextlib.nullcontext()
@@ -368,7 +314,15 @@ def run(cfg: PruneConfig) -> dict:
     with meter.phase("score"):
         scores = CRITERIA[cfg.criterion](ctx)
     with meter.phase("prune"):
-        keep = allocate(groups, scores, cfg, options)
+        keep = allocation.allocate(
+            groups,
+            scores,
+            cfg.ratio,
+            cfg.criterion,
+            options,
+            per_layer=cfg.uniform,
+            together=cfg.rank_together,
+        )
         if multiples:
             keep = allocation.round_to_multiples(groups, scores, keep, multiples)
         prunable = prunable_params(groups)

@@ -37,6 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from minillm.data import self_generated
+
+# minillm.model (so transformers, seconds to import) and peft are imported where they are used:
+# --help and flag errors come back without them
+
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{ctx}. "
     "Write a response that appropriately completes the request.\n\n"
@@ -472,8 +477,6 @@ def training_examples(cfg: RecoverConfig, model, teacher, tokenizer, work: Path)
     cached = work / SELF_DATA
     if cfg.resume and cached.is_file():
         return [json.loads(line) for line in cached.read_text().splitlines()]
-    from minillm.data import self_generated
-
     writer = teacher if teacher is not None else model
     ids = self_generated(writer, tokenizer, cfg.self_samples, cfg.seqlen, cfg.seed).tolist()
     work.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import make_tiny_model, tiny_tokenizer
 
-from minillm.prune import main, parse_layers
+from minillm.prune import main
+from minillm.scoring.allocation import parse_layers
 
 
 def run_cli(*args: str) -> int:

@@ -16,7 +16,8 @@ from conftest import make_tiny_model, tiny_tokenizer
 
 import minillm
 from minillm.eval import main as eval_main
-from minillm.prune import HELDOUT_TEXT, PROMPT, PROMPT_TOKENS, main
+from minillm.evaluation.perplexity import HELDOUT_TEXT
+from minillm.prune import PROMPT, PROMPT_TOKENS, main
 
 TASK_DATA = Path(__file__).parent / "data" / "zeroshot"
 

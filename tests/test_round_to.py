@@ -9,8 +9,8 @@ import torch
 from conftest import make_tiny_model
 
 from minillm.model.adapters import adapter_for
-from minillm.prune import main, parse_round_to
-from minillm.scoring.allocation import round_to_multiples
+from minillm.prune import main
+from minillm.scoring.allocation import parse_round_to, round_to_multiples
 
 
 @pytest.fixture

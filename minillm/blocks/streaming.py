@@ -39,9 +39,11 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,13 +54,14 @@ from minillm.blocks.loop import capture, resident, run_block, sweep
 from minillm.blocks.reconstruct import prune_sequential
 from minillm.blocks.resume import ResumeState
 from minillm.data import calibration_batches
+from minillm.evaluation.perplexity import HELDOUT_TEXT
 from minillm.memory import PhaseMeter
 from minillm.model import shards
-from minillm.model.adapters import adapter_for
+from minillm.model.adapters import Adapter, adapter_for
+from minillm.model.dtypes import parse_dtype
 from minillm.model.io import atomic_output_dir, save_pruned
-from minillm.model.loading import load_model, parse_dtype
-from minillm.model.surgery import prune_layer
-from minillm.prune import HELDOUT_TEXT, parse_round_to, prunable_params
+from minillm.model.loading import load_model
+from minillm.model.surgery import count_params, prune_layer
 from minillm.scoring import allocation
 from minillm.scoring.activations import InputStats, collected_stats
 from minillm.scoring.criteria import CRITERIA, ScoringContext, compensate
@@ -426,16 +429,14 @@ def _write(sm: StreamedModel, cfg, keep, ctx: ScoringContext, layers: list[int])
     sm.write_rest()
 
 
-def run(cfg) -> dict:
-    """``python -m minillm.prune`` with blocks streamed from the checkpoint; same report."""
-    from minillm.prune import (
-        allocate,
-        count_params,
-        parse_layers,
-        pruning_report,
-        resolve_repair,
-    )
+def run(
+    cfg, resolve_repair: Callable[[Any, Adapter], None], pruning_report: Callable[..., dict]
+) -> dict:
+    """``python -m minillm.prune`` with blocks streamed from the checkpoint; same report.
 
+    ``cfg`` is the prune command's config; ``resolve_repair`` (settles ``--reconstruct`` for
+    the family) and ``pruning_report`` (the report.json fields) are the in-memory run's own,
+    passed in by :func:`minillm.prune.run` so both paths decide and report alike."""
     _validate(cfg)
     rank, world = distributed.setup(cfg.device)
     if world > 1 and (cfg.criterion == "taylor" or cfg.resume):
@@ -455,7 +456,7 @@ def run(cfg) -> dict:
     model, adapter = sm.model, sm.adapter
     resolve_repair(cfg, adapter)
     n_blocks = len(adapter.layers(model))
-    layers = parse_layers(cfg.layers, n_blocks)
+    layers = allocation.parse_layers(cfg.layers, n_blocks)
     with meter.phase("calibrate"):
         tokens = torch.empty(0, cfg.seqlen, dtype=torch.long)
         if cfg.compensate or cfg.reconstruct or cfg.criterion not in ("random", "magnitude"):
@@ -469,12 +470,20 @@ def run(cfg) -> dict:
         resume = ResumeState(cfg.out, asdict(cfg), cfg.resume) if world == 1 else None
         scores, ctx = _score(sm, cfg, groups, tokens, options, resume)
     with meter.phase("prune"):
-        keep = allocate(groups, scores, cfg, options)
-        multiples = parse_round_to(cfg.round_to)
+        keep = allocation.allocate(
+            groups,
+            scores,
+            cfg.ratio,
+            cfg.criterion,
+            options,
+            per_layer=cfg.uniform,
+            together=cfg.rank_together,
+        )
+        multiples = allocation.parse_round_to(cfg.round_to)
         if multiples:
             keep = allocation.round_to_multiples(groups, scores, keep, multiples)
-        prunable = prunable_params(groups)
-        prunable_removed = prunable - prunable_params(groups, keep)
+        prunable = allocation.prunable_params(groups)
+        prunable_removed = prunable - allocation.prunable_params(groups, keep)
     output = atomic_output_dir(cfg.out, cfg.overwrite) if rank == 0 else nullcontext()
     with output as tmp:  # only rank 0 writes; the others prune their skeleton for the report
         with meter.phase("save"):

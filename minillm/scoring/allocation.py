@@ -1,13 +1,37 @@
-"""Turn unit scores into kept units: uniform per-layer ratios or one global ranking."""
+"""Turn unit scores into kept units: which layers are pruned (``--layers``), uniform per-layer
+ratios or one global ranking, counts rounded to multiples (``--round-to``), and the parameters
+of the units kept."""
 
 from __future__ import annotations
 
 import torch
 
 from minillm.model.adapters import Group
-from minillm.scoring.criteria import Scores
+from minillm.scoring.criteria import Scores, global_normalization
 
 Keep = dict[tuple[int, str], torch.Tensor]
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """Layer indices of an inclusive range ``a-b`` (or one index); default as LLM-Pruner."""
+    if spec is None:
+        return list(range(max(1, n_layers // 8), n_layers - max(1, -(-n_layers // 16))))
+    try:
+        first, _, last = spec.partition("-")
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"--layers: '{spec}' is not a range such as 3-27") from None
+    if not 0 <= lo <= hi < n_layers:
+        raise ValueError(f"--layers: '{spec}' is outside 0-{n_layers - 1}")
+    return list(range(lo, hi + 1))
+
+
+def prunable_params(groups: list[Group], keep: Keep | None = None) -> int:
+    """Parameters of the units of ``groups`` (only those kept in ``keep``, if given)."""
+    return sum(
+        g.unit_params() * (g.n_units if keep is None else len(keep[(g.layer, g.kind)]))
+        for g in groups
+    )
 
 
 def _keep_top(group: Group, score: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -58,7 +82,7 @@ def _rank_removals(
         for rank in range(per - 1):
             units = (order[:, rank] + torch.arange(g.partitions) * per).tolist()
             items.append((float(s[units].mean()), gi, units))
-    budget = ratio * sum(g.unit_params() * g.n_units for g in groups)
+    budget = ratio * prunable_params(groups)
     removed: dict[int, set[int]] = {gi: set() for gi in range(len(groups))}
     spent = 0.0
     for _, gi, units in sorted(items, key=lambda t: t[0]):
@@ -98,6 +122,40 @@ def global_ranking(
             kept = [u for u in range(g.n_units) if u not in removed[gi]]
             keep[(g.layer, g.kind)] = torch.tensor(kept, dtype=torch.long)
     return keep
+
+
+def allocate(
+    groups: list[Group],
+    scores: Scores,
+    ratio: float,
+    criterion: str,
+    options: dict | None = None,
+    *,
+    per_layer: bool = False,
+    together: bool = False,
+) -> Keep:
+    """Kept units per group: ``ratio`` of every group (``per_layer``, ``--uniform``), or one
+    global ranking made comparable as ``criterion`` needs (:func:`global_normalization`)."""
+    if per_layer:
+        return uniform(groups, scores, ratio)
+    normalize = global_normalization(criterion, options)
+    return global_ranking(groups, scores, ratio, normalize=normalize, together=together)
+
+
+def parse_round_to(spec: str | None) -> dict[str, int]:
+    """``{"heads": n, "channels": m}`` of ``--round-to`` ('8' means both kinds; {} if None)."""
+    if spec is None:
+        return {}
+    items = spec.split(",") if "=" in spec else [f"heads={spec}", f"channels={spec}"]
+    multiples = {}
+    for item in items:
+        kind, _, value = item.partition("=")
+        if kind not in ("heads", "channels") or not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"--round-to: '{spec}' is not N or heads=N,channels=M with integers N, M >= 1"
+            )
+        multiples[kind] = int(value)
+    return multiples
 
 
 def check_multiples(groups: list[Group], multiples: dict[str, int]) -> None:

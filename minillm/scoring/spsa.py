@@ -35,6 +35,7 @@ from torch import nn
 from minillm.kernels.noise import unit_noise
 from minillm.model.adapters import Group
 from minillm.scoring.activations import sequence_losses
+from minillm.scoring.perturb import perturbed
 
 Estimate = list[tuple[int, float]]
 SHARING = ("global", "batch", "sequence")
@@ -218,8 +219,6 @@ def spsa_weights(
     ``sharing`` is ``"global"`` or ``"batch"`` (a dense perturbation is the same for every
     sequence of a pass). Returns ``(estimate, forward_passes)``.
     """
-    from minillm.scoring.perturb import perturbed
-
     if sharing == "sequence":
         raise ValueError("per-weight perturbations are shared by a pass: use global or batch")
     n = tokens.shape[0]
