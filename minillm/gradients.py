@@ -13,7 +13,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from minillm.activations import InputStats, collected_stats, sequence_losses
+from minillm.activations import (
+    InputStats,
+    chunk_ce,
+    collected_stats,
+    loss_chunks,
+    sequence_losses,
+)
 from minillm.adapters import Adapter, Group, adapter_for
 from minillm.block_loop import (
     BlockSource,
@@ -23,7 +29,6 @@ from minillm.block_loop import (
     capture,
     resident,
     run_block,
-    sequence_losses_from_hidden,
 )
 from minillm.spsa import n_coords, scaled_consumer_inputs
 
@@ -66,11 +71,21 @@ def _layer_of(adapter: Adapter, model: nn.Module, linears: Sequence[nn.Linear]) 
 
 
 def _output_gradients(model, adapter, top: Boundary, n: int) -> list[torch.Tensor]:
-    """``dL/dh`` of the last block's output, per micro-batch (the loss is a mean over ``n``)."""
+    """``dL/dh`` of the last block's output, per micro-batch (the loss is a mean over ``n``).
+
+    The LM head is backpropagated one chunk of positions at a time, so one chunk's logits live
+    (not the whole micro-batch's, ``b * seqlen * vocab`` floats)."""
     grads = []
     for h, ids in zip(top.hidden, top.tokens, strict=True):
         h = h.detach().requires_grad_()
-        (sequence_losses_from_hidden(model, adapter, h, ids).sum() / n).backward()
+        with torch.enable_grad():
+            normed = adapter.final_norm(model)(h)
+        x = normed.detach().requires_grad_()
+        b, t, _ = h.shape
+        for s, e in loss_chunks(t, b):
+            with torch.enable_grad():
+                (chunk_ce(model, x, ids, s, e).sum() / ((t - 1) * n)).backward()
+        normed.backward(x.grad)
         grads.append(h.grad)
     return grads
 

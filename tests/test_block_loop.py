@@ -133,3 +133,17 @@ def test_spilled_block_gradients_memory_does_not_grow_with_depth():
     assert _gradient_working_memory(8, spill=True) <= _gradient_working_memory(2, spill=True) * 1.05
     grown = _gradient_working_memory(8, spill=False) - _gradient_working_memory(2, spill=False)
     assert grown >= 5.5 * boundary
+
+
+def test_block_gradients_never_hold_a_micro_batch_of_logits():
+    """The LM head is backpropagated chunk by chunk: the working memory stays well below one
+    micro-batch's logits (``8 * 63 * 32768`` floats here), which autograd would otherwise keep."""
+    torch.manual_seed(0)
+    vocab = 32768
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("llama-gqa", vocab_size=vocab), attn_implementation="eager"
+    ).eval()
+    tokens = torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(2))
+    with PeakTensorBytes() as meter:
+        weight_gradients(model, _linears(model), tokens, batch_size=8, reduce=lambda *a: None)
+    assert meter.peak < 0.4 * 8 * 63 * vocab * 4
