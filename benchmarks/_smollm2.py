@@ -14,9 +14,14 @@ from minillm.model.loading import load_model
 
 def load_smollm2(cache_dir: str | None):
     """The embedded SmolLM2-135M-Instruct (float32); cached as safetensors in ``cache_dir``
-    because de-quantizing the GGUF takes ~20 s on CPU."""
+    because de-quantizing the GGUF takes ~20 s on CPU. The weights are copied out of the
+    memory-mapped file, so resident memory counts them once, as anonymous memory, whatever a
+    step replaces."""
     if cache_dir and (Path(cache_dir) / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.clone()
         return model.eval(), AutoTokenizer.from_pretrained(cache_dir)
     model, tok = load_model(None)
     if cache_dir:

@@ -64,6 +64,8 @@ CONFIGS = {
         {"fms_variant": "removal", "gradients": "backprop"},
         "global",
     ),
+    "random/global": ("random", {}, "global"),
+    "magnitude/global": ("magnitude", {}, "global"),
     "wanda-sp/global": ("wanda-sp", {}, "global"),
     "flap/global": ("flap", {}, "global"),
     "flap+compensate/global": ("flap", {"compensate": True}, "global"),
@@ -170,7 +172,10 @@ def main() -> None:
     )
     p.add_argument("--ridge", default="0.1", help="--reconstruct: relative ridge (comma list)")
     p.add_argument(
-        "--spill", action="store_true", help="exact gradients: block inputs on disk, not in memory"
+        "--no-spill",
+        dest="spill",
+        action="store_false",
+        help="exact gradients: block inputs in memory, not on disk",
     )
     p.add_argument(
         "--score-only",

@@ -2,7 +2,8 @@
 
 Scores the model once with the CLI's default criterion (and every other CLI default, overridden
 by ``--calib``/``--nsamples``), then prunes a copy per ratio of ``--ratios``, once as allocated
-and once post-processed by ``--round-to`` (the same steps as ``python -m minillm.prune``), and
+and once post-processed by ``--round-to`` (the same steps as ``python -m minillm.prune``,
+the refit of ``--reconstruct`` included), and
 times all of them in one process: each repeat times every model in turn (batch 1 and 16, a
 random prompt of ``--prompt-tokens`` then ``--new-tokens`` greedy steps with the KV cache), so
 machine load drifts hit them alike; the best of ``--repeats`` is kept. Prints JSON (stdout):
@@ -27,6 +28,7 @@ import torch
 from _smollm2 import load_smollm2
 
 from minillm import prune
+from minillm.blocks.reconstruct import prune_sequential
 from minillm.data import calibration_batches
 from minillm.evaluation.generation import compare_speed
 from minillm.model.adapters import adapter_for
@@ -35,11 +37,16 @@ from minillm.scoring import allocation
 from minillm.scoring.criteria import CRITERIA, ScoringContext
 
 
-def pruned_copy(model, adapter, keep, layers, gqa: str):
+def pruned_copy(model, keep, layers, cfg: prune.PruneConfig, batches: torch.Tensor):
+    """A copy of ``model`` pruned to ``keep`` as the CLI does it (refit with --reconstruct)."""
     out = copy.deepcopy(model)
+    adapter = adapter_for(out)
+    if cfg.reconstruct:
+        prune_sequential(out, adapter, batches, keep, layers, cfg.gqa, cfg.batch_size, cfg.ridge)
+        return out
     for layer in layers:
         heads, channels = keep.get((layer, "heads")), keep.get((layer, "channels"))
-        prune_layer(out, adapter, layer, heads, channels, gqa)
+        prune_layer(out, adapter, layer, heads, channels, cfg.gqa)
     return out
 
 
@@ -61,6 +68,7 @@ def main() -> None:
     cfg = prune.PruneConfig(**vars(prune.build_parser().parse_args(argv)))
     dense, tok = load_smollm2(args.cache_dir)
     adapter = adapter_for(dense)
+    prune.resolve_repair(cfg, adapter)
     layers = allocation.parse_layers(cfg.layers, len(adapter.layers(dense)))
     groups = [adapter.groups(dense, i, cfg.gqa)[k] for i in layers for k in ("heads", "channels")]
     batches = calibration_batches(cfg.calib, tok, cfg.nsamples, cfg.seqlen, cfg.seed, dense)
@@ -81,11 +89,9 @@ def main() -> None:
             together=cfg.rank_together,
         )
         name = f"{cfg.criterion}-{ratio:g}"
-        models[name] = pruned_copy(dense, adapter, keep, layers, cfg.gqa)
+        models[name] = pruned_copy(dense, keep, layers, cfg, batches)
         rounded = allocation.round_to_multiples(groups, scores, keep, multiples)
-        models[f"{name}-round-{args.round_to}"] = pruned_copy(
-            dense, adapter, rounded, layers, cfg.gqa
-        )
+        models[f"{name}-round-{args.round_to}"] = pruned_copy(dense, rounded, layers, cfg, batches)
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     print(f"timing {list(models)}", file=sys.stderr)
     speed = compare_speed(models, args.prompt_tokens, args.new_tokens, batch_sizes, args.repeats)

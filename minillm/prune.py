@@ -153,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per scoring forward")
     p.add_argument(
         "--spill",
-        action="store_true",
-        help="exact gradients: keep each block's inputs in a temporary directory, not in memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="exact gradients: keep each block's inputs in a temporary directory (default), "
+        "or in memory with --no-spill (faster, grows with depth)",
     )
     p.add_argument(
         "--compensate",

@@ -148,26 +148,38 @@ def sequence_losses_from_hidden(
 class HiddenStore:
     """Hidden states of every block boundary, kept for a later backward sweep.
 
-    ``spill=True`` writes each boundary to a temporary directory (one file per layer) and reads
-    it back when asked, so resident memory holds one boundary at a time; ``False`` keeps them in
-    memory. Use as a context manager: the directory is removed on exit.
+    ``spill=True`` (default) writes each micro-batch of a boundary to a temporary directory and
+    :meth:`take` reads them back one at a time, so resident memory holds one micro-batch of a
+    stored boundary; ``False`` keeps them in memory until taken. Use as a context manager: the
+    directory is removed on exit.
     """
 
     def __init__(self, spill: bool = True) -> None:
-        self.spill = spill
         self._mem: dict[int, list[torch.Tensor]] = {}
+        self._count: dict[int, int] = {}
         self._dir = Path(tempfile.mkdtemp(prefix="minillm-hidden-")) if spill else None
 
     def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
         if self._dir is None:
             self._mem[layer] = [h.detach() for h in hidden]
-        else:
-            torch.save([h.detach().cpu() for h in hidden], self._dir / f"{layer}.pt")
+            return
+        for j, h in enumerate(hidden):
+            torch.save(h.detach().cpu(), self._dir / f"{layer}-{j}.pt")
+        self._count[layer] = len(hidden)
 
-    def get(self, layer: int, device: torch.device) -> list[torch.Tensor]:
+    def take(self, layer: int, device: torch.device) -> Iterator[torch.Tensor]:
+        """The stored micro-batches of ``layer``, in order, each loaded when reached; the
+        layer's storage is released as they are taken."""
         if self._dir is None:
-            return self._mem[layer]
-        return [h.to(device) for h in torch.load(self._dir / f"{layer}.pt")]
+            hidden = self._mem.pop(layer)
+            while hidden:
+                yield hidden.pop(0)
+            return
+        for j in range(self._count.pop(layer)):
+            path = self._dir / f"{layer}-{j}.pt"
+            h = torch.load(path).to(device)
+            path.unlink()
+            yield h
 
     def __enter__(self) -> HiddenStore:
         return self

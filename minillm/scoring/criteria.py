@@ -61,7 +61,7 @@ DEFAULT_OPTIONS = {
     "eps": None,  # None: 1e-2 (relative, multipliers) or 1e-3 (weight units, per weight)
     "dist": "rademacher",  # or "gaussian"
     "spsa_sharing": None,  # None: "sequence" (multipliers) or "global" (per weight)
-    "spill": False,  # exact gradients: keep block inputs on disk instead of in memory
+    "spill": True,  # exact gradients: block inputs on disk (False: in memory, grows with depth)
 }
 
 

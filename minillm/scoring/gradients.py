@@ -7,7 +7,7 @@ the same ``L`` that :mod:`minillm.scoring.spsa` estimates. Parameters are never 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -21,10 +21,15 @@ from minillm.blocks.loop import (
     capture,
     resident,
     run_block,
-    sequence_losses_from_hidden,
 )
 from minillm.model.adapters import Adapter, Group, adapter_for
-from minillm.scoring.activations import InputStats, collected_stats, sequence_losses
+from minillm.scoring.activations import (
+    InputStats,
+    chunk_ce,
+    collected_stats,
+    loss_chunks,
+    sequence_losses,
+)
 from minillm.scoring.spsa import n_coords, scaled_consumer_inputs
 
 
@@ -66,11 +71,21 @@ def _layer_of(adapter: Adapter, model: nn.Module, linears: Sequence[nn.Linear]) 
 
 
 def _output_gradients(model, adapter, top: Boundary, n: int) -> list[torch.Tensor]:
-    """``dL/dh`` of the last block's output, per micro-batch (the loss is a mean over ``n``)."""
+    """``dL/dh`` of the last block's output, per micro-batch (the loss is a mean over ``n``).
+
+    The LM head is backpropagated one chunk of positions at a time, so one chunk's logits live
+    (not the whole micro-batch's, ``b * seqlen * vocab`` floats)."""
     grads = []
     for h, ids in zip(top.hidden, top.tokens, strict=True):
         h = h.detach().requires_grad_()
-        (sequence_losses_from_hidden(model, adapter, h, ids).sum() / n).backward()
+        with torch.enable_grad():
+            normed = adapter.final_norm(model)(h)
+        x = normed.detach().requires_grad_()
+        b, t, _ = h.shape
+        for s, e in loss_chunks(t, b):
+            with torch.enable_grad():
+                (chunk_ce(model, x, ids, s, e).sum() / ((t - 1) * n)).backward()
+        normed.backward(x.grad)
         grads.append(h.grad)
     return grads
 
@@ -81,13 +96,14 @@ def weight_gradients(
     tokens: torch.Tensor,
     batch_size: int = 4,
     reduce: Callable[[nn.Linear, torch.Tensor, InputStats], object] | None = None,
-    spill: bool = False,
+    spill: bool = True,
     source: BlockSource | None = None,
 ) -> tuple[dict, int, dict[nn.Linear, InputStats]]:
     """``dL/dW`` of each linear over ``tokens`` ``[n, seqlen]``, one decoder block at a time.
 
-    A forward sweep stores every block's input hidden states (``spill=True``: on disk, see
-    :class:`~minillm.blocks.loop.HiddenStore`); then from the top block down each block is
+    A forward sweep stores every block's input hidden states (``spill=True``, the default: on
+    disk, read back one micro-batch at a time, see :class:`~minillm.blocks.loop.HiddenStore`;
+    ``False``: in memory, growing with depth); then from the top block down each block is
     recomputed with grad on micro-batches of ``batch_size`` and the stored ``dL/d output`` is
     backpropagated through it. The gradients of one block's linears are complete after its
     step; ``reduce(linear, grad [out, in] float32, input_stats)`` turns each into what the caller
@@ -107,6 +123,7 @@ def weight_gradients(
     n = tokens.shape[0]
     boundary = capture(model, adapter, tokens, batch_size, source)
     device = boundary.hidden[0].device
+    passes = 2 * len(boundary.hidden)
     results: dict = {}
     with HiddenStore(spill) as store, _only_grad(model, []):
         with torch.no_grad(), collected_stats(linears) as stats:
@@ -117,35 +134,40 @@ def weight_gradients(
                     boundary = boundary.with_hidden(run_block(blocks[i], boundary))
         with resident(source, "head"):
             grads = _output_gradients(model, adapter, boundary, n)
+        boundary.hidden.clear()  # the top block's output is not needed any more
         for i in reversed(range(lowest, len(blocks))):
             own = [lin for lin in linears if layer_of[lin] == i]
-            inputs = boundary.with_hidden(store.get(i, device))
+            inputs = store.take(i, device)
             with resident(source, i):
-                grads = _block_backward(blocks[i], inputs, grads, own, need_input_grad=i > lowest)
+                grads = _block_backward(
+                    blocks[i], inputs, boundary.kwargs, grads, own, need_input_grad=i > lowest
+                )
                 for lin in own:
                     results[lin] = reduce(lin, lin.weight.grad.float(), stats[lin])
                     lin.weight.grad = None
-    return results, 2 * len(boundary.hidden), stats
+    return results, passes, stats
 
 
 def _block_backward(
     block: nn.Module,
-    inputs: Boundary,
+    hidden: Iterable[torch.Tensor],
+    kwargs: list[dict],
     out_grads: list[torch.Tensor],
     linears: list[nn.Linear],
     need_input_grad: bool,
 ) -> list[torch.Tensor]:
-    """Backpropagate ``out_grads`` through ``block``; accumulates the linears' ``.grad`` and
-    returns ``dL/d input`` per micro-batch (empty when not needed)."""
+    """Backpropagate ``out_grads`` through ``block`` run on the micro-batches ``hidden``;
+    accumulates the linears' ``.grad`` and returns ``dL/d input`` per micro-batch (empty when
+    not needed). ``out_grads`` is emptied as it is used, so one boundary of gradients lives."""
     for lin in linears:
         lin.weight.requires_grad_(True)
     in_grads = []
     try:
-        for h, kw, g in zip(inputs.hidden, inputs.kwargs, out_grads, strict=True):
+        for h, kw in zip(hidden, kwargs, strict=True):
             x = h.detach().requires_grad_(need_input_grad)
             with torch.enable_grad():
                 y = block_output(block(x, **kw))
-            y.backward(g)
+            y.backward(out_grads.pop(0))
             if need_input_grad:
                 in_grads.append(x.grad)
     finally:
