@@ -58,7 +58,8 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     if model is not None and gguf_file is None and is_minillm_dir(model):
         net = load_pruned(model, dtype=dtype, device=device)
-        return net, AutoTokenizer.from_pretrained(model)
+        # the directory's config names minillm's remote code; the tokenizer needs none of it
+        return net, AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     name, gguf = _resolve(model, gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
