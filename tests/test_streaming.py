@@ -200,12 +200,16 @@ def test_killed_run_resumes_to_the_same_model(
 
 
 @pytest.mark.parametrize("family", ["opt"])
-@pytest.mark.parametrize("repair", ["--compensate", "--reconstruct"])
+@pytest.mark.parametrize(
+    "criterion, repair",
+    [("flap", "--compensate"), ("flap", "--reconstruct"), ("taylor", "--reconstruct")],
+)
 def test_two_torchrun_processes_give_one_process_model(
-    sharded_model_dir, calib_file, tmp_path, repair
+    sharded_model_dir, calib_file, tmp_path, criterion, repair
 ):
-    assert _prune(sharded_model_dir, calib_file, tmp_path / "one", "flap", repair) == 0
-    args = ["--model", sharded_model_dir, "--criterion", "flap", "--calib", calib_file]
+    """Statistics, Gram matrices and (taylor) each block's weight gradients are all-reduced."""
+    assert _prune(sharded_model_dir, calib_file, tmp_path / "one", criterion, repair) == 0
+    args = ["--model", sharded_model_dir, "--criterion", criterion, "--calib", calib_file]
     args += ["--nsamples", "6", "--seqlen", "16", "--batch-size", "2", "--ratio", "0.3"]
     args += ["--layers", "0-2", "--out", tmp_path / "two", "--quiet", repair, "--offload"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

@@ -1,6 +1,7 @@
 """Across processes (``torchrun``): ranks split the calibration sequences and all-reduce the
-input statistics (and, with ``--reconstruct``, each consumer's Gram matrix), so every rank
-scores, allocates and refits the same units; only rank 0 writes.
+input statistics (with ``--reconstruct``, each consumer's Gram matrix; with exact gradients,
+each block's weight gradients before they are reduced into scores), so every rank scores,
+allocates and refits the same units; only rank 0 writes.
 
 Launched by ``torchrun --nproc-per-node N -m minillm.prune --offload ...`` (the environment
 holds ``WORLD_SIZE``/``RANK``); gloo on CPU, NCCL on CUDA. Statistics are sums over tokens,
@@ -32,9 +33,30 @@ def my_rows(tokens: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return tokens.tensor_split(size)[rank]
 
 
+def _alone() -> bool:
+    return not dist.is_initialized() or dist.get_world_size() == 1
+
+
+def total_count(n: int) -> int:
+    """``n`` summed over ranks (``n`` alone in one process)."""
+    if _alone():
+        return n
+    count = torch.tensor([n], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        count = count.cuda()
+    dist.all_reduce(count)
+    return int(count.item())
+
+
+def all_reduce_sum(t: torch.Tensor) -> None:
+    """Sum ``t`` over ranks, in place (no-op in one process): one block's weight gradients."""
+    if not _alone():
+        dist.all_reduce(t)
+
+
 def all_reduce_stats(stats: dict) -> None:
     """Sum ``{linear: InputStats}`` over ranks, in place (no-op in one process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _alone():
         return
     for lin, st in stats.items():
         sum_sq, total = st.sum_sq.clone(), st.sum.clone()
@@ -46,7 +68,7 @@ def all_reduce_stats(stats: dict) -> None:
 
 def all_reduce_gram(gram) -> None:
     """Sum a :class:`~minillm.blocks.reconstruct.Gram` over ranks, in place (no-op alone)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _alone():
         return
     count = torch.tensor([gram.count], dtype=torch.float64, device=gram.xtx.device)
     for t in (gram.xtx, gram.xsum, count):

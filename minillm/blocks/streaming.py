@@ -439,11 +439,8 @@ def run(
     passed in by :func:`minillm.prune.run` so both paths decide and report alike."""
     _validate(cfg)
     rank, world = distributed.setup(cfg.device)
-    if world > 1 and (cfg.criterion == "taylor" or cfg.resume):
-        raise ValueError(
-            "torchrun: only statistics are reduced across ranks; run taylor and --resume in "
-            "one process"
-        )
+    if world > 1 and cfg.resume:
+        raise ValueError("--resume: checkpoints are per process; resume runs in one process")
     meter = PhaseMeter(cfg.device)
     with meter.phase("load"):
         path = cfg.model

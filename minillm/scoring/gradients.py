@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from minillm.blocks import distributed
 from minillm.blocks.loop import (
     BlockSource,
     Boundary,
@@ -120,7 +121,7 @@ def weight_gradients(
     blocks = adapter.layers(model)
     lowest = min(layer_of.values())
     reduce = reduce or (lambda lin, g, st: g)
-    n = tokens.shape[0]
+    n = distributed.total_count(tokens.shape[0])  # the loss is a mean over every rank's rows
     boundary = capture(model, adapter, tokens, batch_size, source)
     device = boundary.hidden[0].device
     passes = 2 * len(boundary.hidden)
@@ -132,6 +133,7 @@ def weight_gradients(
                     store.put(i, boundary.hidden)
                 with resident(source, i):
                     boundary = boundary.with_hidden(run_block(blocks[i], boundary))
+        distributed.all_reduce_stats(stats)
         with resident(source, "head"):
             grads = _output_gradients(model, adapter, boundary, n)
         boundary.hidden.clear()  # the top block's output is not needed any more
@@ -143,6 +145,7 @@ def weight_gradients(
                     blocks[i], inputs, boundary.kwargs, grads, own, need_input_grad=i > lowest
                 )
                 for lin in own:
+                    distributed.all_reduce_sum(lin.weight.grad)
                     results[lin] = reduce(lin, lin.weight.grad.float(), stats[lin])
                     lin.weight.grad = None
     return results, passes, stats
