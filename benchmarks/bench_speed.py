@@ -68,7 +68,7 @@ def main() -> None:
     cfg = prune.PruneConfig(**vars(prune.build_parser().parse_args(argv)))
     dense, tok = load_smollm2(args.cache_dir)
     adapter = adapter_for(dense)
-    prune.resolve_repair(cfg, adapter)
+    prune.resolve_repair(cfg)
     layers = allocation.parse_layers(cfg.layers, len(adapter.layers(dense)))
     groups = [adapter.groups(dense, i, cfg.gqa)[k] for i in layers for k in ("heads", "channels")]
     batches = calibration_batches(cfg.calib, tok, cfg.nsamples, cfg.seqlen, cfg.seed, dense)

@@ -273,29 +273,24 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def resolve_repair(cfg: PruneConfig, adapter) -> None:
-    """Settle ``--reconstruct`` left unset: on, unless ``--compensate`` was asked or the family's
-    blocks cannot run one at a time (Gemma 3), where FLAP's compensation stands in (logged)."""
-    if cfg.reconstruct is not None:
-        return
-    cfg.reconstruct = not cfg.compensate and not adapter.per_layer_block_kwargs
-    if not cfg.reconstruct and not cfg.compensate:
-        log.info("%s: no --reconstruct for this family yet; compensating biases", adapter.name)
-        cfg.compensate = True
+def resolve_repair(cfg: PruneConfig) -> None:
+    """Settle ``--reconstruct`` left unset: on, unless ``--compensate`` was asked."""
+    if cfg.reconstruct is None:
+        cfg.reconstruct = not cfg.compensate
 
 
 def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
     validate(cfg)
+    resolve_repair(cfg)
     if streaming.should_stream(cfg):
-        return streaming.run(cfg, resolve_repair, pruning_report)
+        return streaming.run(cfg, pruning_report)
     meter = PhaseMeter(cfg.device)
     # transformers' GGUF de-quantization bar cannot be switched off: swallow it under --quiet
     silence = contextlib.redirect_stderr(io.StringIO()) if cfg.quiet else contextlib.nullcontext()
     with meter.phase("load"), silence:
         model, tokenizer = load_model(cfg.model, cfg.gguf_file, cfg.dtype, cfg.device)
     adapter = adapter_for(model)
-    resolve_repair(cfg, adapter)
     layers = parse_layers(cfg.layers, len(adapter.layers(model)))
     kinds = ["heads", "channels"] if cfg.target == "both" else [cfg.target]
     groups = [adapter.groups(model, i, cfg.gqa)[k] for i in layers for k in kinds]

@@ -28,6 +28,7 @@ MODELS = {
     "llama-tied": _tied_llama,
     "opt": lambda: make_tiny_model("opt"),
     "bloom": lambda: make_tiny_model("bloom"),
+    "gemma3": lambda: make_tiny_model("gemma3"),  # per-layer sliding-window / global arguments
 }
 
 

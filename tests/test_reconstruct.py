@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, make_tiny_model
+from conftest import EXTRA_FAMILIES, FAMILIES, VOCAB, make_tiny_model
 
 from minillm.blocks.reconstruct import Gram, prune_sequential, refit_weights, select_removals
 from minillm.model.adapters import adapter_for
@@ -97,6 +97,7 @@ def _keep(group, n_remove: int) -> torch.Tensor:
     return torch.cat([torch.arange(n_remove, per) + p * per for p in range(group.partitions)])
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, *EXTRA_FAMILIES])
 @pytest.mark.parametrize("kind", ["heads", "channels"])
 def test_sequential_refit_is_least_squares_on_the_pruned_stream(family, kind):
     """Layer 2 is refit on the inputs produced by the already pruned and refit layer 1."""

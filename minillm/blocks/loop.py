@@ -36,14 +36,26 @@ from minillm.scoring.activations import chunked_lm_loss
 @dataclass
 class Boundary:
     """Hidden states entering a decoder block: ``hidden[i]`` ``[b_i, seqlen, d]`` per micro-batch,
-    ``kwargs[i]`` the block's keyword arguments for that micro-batch, ``tokens[i]`` its ids."""
+    ``kwargs[i]`` the block's keyword arguments for that micro-batch, ``tokens[i]`` its ids.
+
+    Families whose layers take different arguments (Gemma 3: sliding-window or full attention
+    masks and RoPE per layer type) carry them per layer in ``per_layer[layer][i]``; use
+    :meth:`at` to get the boundary as block ``layer`` sees it.
+    """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
     tokens: list[torch.Tensor]
+    per_layer: list[list[dict]] | None = None
 
     def with_hidden(self, hidden: list[torch.Tensor]) -> Boundary:
-        return Boundary(hidden, self.kwargs, self.tokens)
+        return Boundary(hidden, self.kwargs, self.tokens, self.per_layer)
+
+    def at(self, layer: int) -> Boundary:
+        """This boundary with block ``layer``'s keyword arguments."""
+        if self.per_layer is None:
+            return self
+        return Boundary(self.hidden, self.per_layer[layer], self.tokens, self.per_layer)
 
 
 class BlockSource(Protocol):
@@ -89,14 +101,12 @@ def capture(
     """Inputs of decoder block 0 for ``tokens`` ``[n, seqlen]`` in micro-batches of ``batch_size``.
 
     Runs the model's embedding stage and stops at the first block (a pre-hook raises after
-    recording its arguments), so no block and no logits are computed.
+    recording its arguments), so no block and no logits are computed. For families with
+    per-layer arguments (``adapter.per_layer_block_kwargs``) every block's arguments are recorded
+    by blocks that pass their input through unchanged, stopping at the last one.
     """
     if adapter.per_layer_block_kwargs:
-        raise ValueError(
-            f"{adapter.name}: its layers take per-layer attention masks and RoPE, which the "
-            "block loop (--reconstruct, exact gradients) does not replay yet; use a forward-only "
-            "criterion"
-        )
+        return _capture_per_layer(model, adapter, tokens, batch_size, source)
     first = adapter.layers(model)[0]
     seen: dict = {}
 
@@ -122,6 +132,51 @@ def capture(
         finally:
             handle.remove()
     return Boundary(hidden, kwargs, ids)
+
+
+def _capture_per_layer(
+    model: nn.Module,
+    adapter: Adapter,
+    tokens: torch.Tensor,
+    batch_size: int,
+    source: BlockSource | None,
+) -> Boundary:
+    """:func:`capture` for blocks that take per-layer arguments: each block's ``forward`` is
+    replaced for the capture by one that records its arguments and returns its input."""
+    blocks = adapter.layers(model)
+    seen: list[dict] = [{} for _ in blocks]
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            seen[i] = {"hidden": hidden, "kwargs": _block_kwargs(kwargs)}
+            if i == len(blocks) - 1:
+                raise _Caught
+            return hidden
+
+        return forward
+
+    hidden, ids = [], []
+    per_layer: list[list[dict]] = [[] for _ in blocks]
+    with resident(source, "embed"):
+        device = model.get_input_embeddings().weight.device
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i)
+        try:
+            for start in range(0, tokens.shape[0], batch_size):
+                batch = tokens[start : start + batch_size].to(device)
+                try:
+                    model.base_model(input_ids=batch, use_cache=False)
+                except _Caught:
+                    pass
+                hidden.append(seen[0]["hidden"])
+                for i in range(len(blocks)):
+                    per_layer[i].append(seen[i]["kwargs"])
+                ids.append(batch)
+        finally:
+            for block in blocks:
+                del block.forward  # the class's forward again
+    return Boundary(hidden, per_layer[0], ids, per_layer)
 
 
 def block_output(out) -> torch.Tensor:
@@ -208,8 +263,9 @@ def sweep(
     blocks = adapter.layers(model)
     for i in layers:
         with resident(source, i):
-            out = visit(i, boundary) if visit is not None else None
+            inputs = boundary.at(i)
+            out = visit(i, inputs) if visit is not None else None
             if out is None:
-                out = run_block(blocks[i], boundary)
+                out = run_block(blocks[i], inputs)
         boundary = boundary.with_hidden(out)
     return boundary

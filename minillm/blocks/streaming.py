@@ -43,7 +43,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +56,7 @@ from minillm.data import calibration_batches
 from minillm.evaluation.perplexity import HELDOUT_TEXT
 from minillm.memory import PhaseMeter
 from minillm.model import shards
-from minillm.model.adapters import Adapter, adapter_for
+from minillm.model.adapters import adapter_for
 from minillm.model.dtypes import parse_dtype
 from minillm.model.io import atomic_output_dir, save_pruned
 from minillm.model.loading import load_model
@@ -429,14 +428,12 @@ def _write(sm: StreamedModel, cfg, keep, ctx: ScoringContext, layers: list[int])
     sm.write_rest()
 
 
-def run(
-    cfg, resolve_repair: Callable[[Any, Adapter], None], pruning_report: Callable[..., dict]
-) -> dict:
+def run(cfg, pruning_report: Callable[..., dict]) -> dict:
     """``python -m minillm.prune`` with blocks streamed from the checkpoint; same report.
 
-    ``cfg`` is the prune command's config; ``resolve_repair`` (settles ``--reconstruct`` for
-    the family) and ``pruning_report`` (the report.json fields) are the in-memory run's own,
-    passed in by :func:`minillm.prune.run` so both paths decide and report alike."""
+    ``cfg`` is the prune command's config (``--reconstruct`` settled); ``pruning_report`` (the
+    report.json fields) is the in-memory run's own, passed in by :func:`minillm.prune.run` so
+    both paths report alike."""
     _validate(cfg)
     rank, world = distributed.setup(cfg.device)
     if world > 1 and cfg.resume:
@@ -451,7 +448,6 @@ def run(
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     model, adapter = sm.model, sm.adapter
-    resolve_repair(cfg, adapter)
     n_blocks = len(adapter.layers(model))
     layers = allocation.parse_layers(cfg.layers, n_blocks)
     with meter.phase("calibrate"):

@@ -132,7 +132,7 @@ def weight_gradients(
                 if i >= lowest:
                     store.put(i, boundary.hidden)
                 with resident(source, i):
-                    boundary = boundary.with_hidden(run_block(blocks[i], boundary))
+                    boundary = boundary.with_hidden(run_block(blocks[i], boundary.at(i)))
         distributed.all_reduce_stats(stats)
         with resident(source, "head"):
             grads = _output_gradients(model, adapter, boundary, n)
@@ -142,7 +142,7 @@ def weight_gradients(
             inputs = store.take(i, device)
             with resident(source, i):
                 grads = _block_backward(
-                    blocks[i], inputs, boundary.kwargs, grads, own, need_input_grad=i > lowest
+                    blocks[i], inputs, boundary.at(i).kwargs, grads, own, need_input_grad=i > lowest
                 )
                 for lin in own:
                     distributed.all_reduce_sum(lin.weight.grad)
