@@ -90,6 +90,13 @@ def _block_kwargs(kwargs: dict) -> dict:
     return kw
 
 
+def _run_until_caught(model: nn.Module, batch: torch.Tensor) -> None:
+    try:
+        model.base_model(input_ids=batch, use_cache=False)
+    except _Caught:
+        pass
+
+
 @torch.no_grad()
 def capture(
     model: nn.Module,
@@ -122,10 +129,7 @@ def capture(
         try:
             for i in range(0, tokens.shape[0], batch_size):
                 batch = tokens[i : i + batch_size].to(device)
-                try:
-                    model.base_model(input_ids=batch, use_cache=False)
-                except _Caught:
-                    pass
+                _run_until_caught(model, batch)
                 hidden.append(seen["hidden"])
                 kwargs.append(seen["kwargs"])
                 ids.append(batch)
@@ -165,10 +169,7 @@ def _capture_per_layer(
         try:
             for start in range(0, tokens.shape[0], batch_size):
                 batch = tokens[start : start + batch_size].to(device)
-                try:
-                    model.base_model(input_ids=batch, use_cache=False)
-                except _Caught:
-                    pass
+                _run_until_caught(model, batch)
                 hidden.append(seen[0]["hidden"])
                 for i in range(len(blocks)):
                     per_layer[i].append(seen[i]["kwargs"])
