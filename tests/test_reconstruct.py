@@ -201,3 +201,14 @@ def test_selected_refit_beats_given_units(family):
             errs.append(float((model(tokens).logits - dense).pow(2).mean()))
         assert adapter.layer_sizes(model, 1)["channels"] == len(keep[(1, "channels")])
     assert errs[1] < errs[0]
+
+
+def test_too_few_tokens_warn_once_per_run(caplog):
+    """2 x 24 tokens for 96-input down_projs in two layers: one warning, not one per layer."""
+    model = make_tiny_model("llama-gqa")
+    adapter = adapter_for(model)
+    keep = {(i, "channels"): _keep(adapter.groups(model, i)["channels"], 20) for i in (1, 2)}
+    with caplog.at_level("WARNING", logger="minillm"):
+        prune_sequential(model, adapter, TOKENS[:2], keep, [1, 2], batch_size=2)
+    warnings = [r for r in caplog.records if "calibration tokens" in r.getMessage()]
+    assert len(warnings) == 1 and "48 calibration tokens" in warnings[0].getMessage()

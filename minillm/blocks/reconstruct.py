@@ -212,15 +212,6 @@ def prune_and_refit(
     lin = consumer.linear
     gram = consumer_gram(adapter.layers(model)[layer], lin, inputs)
     distributed.all_reduce_gram(gram)
-    if gram.count <= lin.in_features:
-        log.warning(
-            "reconstruction: %d calibration tokens for %d inputs of layer %d %s; the ridge "
-            "decides the refit",
-            gram.count,
-            lin.in_features,
-            layer,
-            kind,
-        )
     if select:
         per_partition = (group.n_units - keep.numel()) // group.partitions
         removed = select_removals(
@@ -238,6 +229,22 @@ def prune_and_refit(
     prune_layer(model, adapter, layer, heads, channels, gqa)
     lin.weight.data.copy_(weight.to(lin.weight.dtype))
     lin.bias = nn.Parameter(bias.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad)
+
+
+def _warn_if_underdetermined(model, adapter: Adapter, tokens: torch.Tensor, keep: dict) -> None:
+    """One warning when a consumer has more inputs than there are calibration tokens (over
+    every rank): there the ridge, not the data, decides the refit."""
+    n_tokens = distributed.total_count(tokens.numel())
+    widest = max(
+        adapter.groups(model, layer)[kind].consumers[0].linear.in_features for layer, kind in keep
+    )
+    if n_tokens <= widest:
+        log.warning(
+            "reconstruction: %d calibration tokens for consumers of up to %d inputs; the ridge "
+            "decides the refit in the directions they do not reach (raise --nsamples/--seqlen)",
+            n_tokens,
+            widest,
+        )
 
 
 @torch.no_grad()
@@ -259,6 +266,7 @@ def prune_sequential(
     it. ``select=True``: ``keep`` gives only
     how many units each layer keeps; which ones is decided by :func:`select_removals`.
     ``source``: blocks loaded and released one at a time (:mod:`minillm.blocks.loop`)."""
+    _warn_if_underdetermined(model, adapter, tokens, keep)
     boundary = capture(model, adapter, tokens, batch_size, source)
     top = max(layers)
 
