@@ -8,9 +8,9 @@ from _memory import PeakTensorBytes
 from conftest import VOCAB, make_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM
 
-from minillm.blocks.loop import capture, sequence_losses_from_hidden, sweep
+from minillm.blocks.loop import capture, sweep
 from minillm.model.adapters import adapter_for
-from minillm.scoring.activations import collect_input_stats, sequence_losses
+from minillm.scoring.activations import chunked_lm_loss, collect_input_stats, sequence_losses
 from minillm.scoring.gradients import weight_gradients
 
 TOKENS = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(4))
@@ -59,7 +59,7 @@ def test_block_sweep_loss_equals_whole_model(name):
     top = sweep(model, adapter, boundary, range(len(adapter.layers(model))))
     losses = torch.cat(
         [
-            sequence_losses_from_hidden(model, adapter, h, ids)
+            chunked_lm_loss(model, adapter.final_norm(model)(h), ids)
             for h, ids in zip(top.hidden, top.tokens, strict=True)
         ]
     )

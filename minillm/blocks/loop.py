@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from minillm.model.adapters import Adapter
-from minillm.scoring.activations import chunked_lm_loss
 
 
 @dataclass
@@ -192,13 +191,6 @@ def run_block(block: nn.Module, boundary: Boundary, grad: bool = False) -> list[
             block_output(block(h, **kw))
             for h, kw in zip(boundary.hidden, boundary.kwargs, strict=True)
         ]
-
-
-def sequence_losses_from_hidden(
-    model: nn.Module, adapter: Adapter, hidden: torch.Tensor, input_ids: torch.Tensor
-) -> torch.Tensor:
-    """Per-sequence mean next-token loss ``[b]`` from the last block's output ``[b, seqlen, d]``."""
-    return chunked_lm_loss(model, adapter.final_norm(model)(hidden), input_ids)
 
 
 class HiddenStore:

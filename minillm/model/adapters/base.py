@@ -70,8 +70,8 @@ class Adapter:
     name: str = ""
     model_types: tuple[str, ...] = ()
     # decoder blocks get different masks / RoPE per layer (sliding-window vs global layers), so
-    # block 0's keyword arguments cannot be replayed for every block (see
-    # minillm.blocks.loop.capture)
+    # block 0's keyword arguments cannot be replayed for every block: the block loop records
+    # each block's own (minillm.blocks.loop.capture)
     per_layer_block_kwargs: bool = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:

@@ -13,8 +13,9 @@ What stays intact when heads are removed:
 * sliding-window vs full attention is a per-layer property (``config.layer_types``), the
   attention scale comes from ``query_pre_attn_scalar``: neither depends on the head count.
 
-Not yet supported: the block loop (``--reconstruct``, exact block-by-block gradients), which
-replays block 0's mask and RoPE for every block while Gemma 3's global layers need their own.
+Its blocks take per-layer arguments (sliding-window or global mask and RoPE), so the block
+loop (``--reconstruct``, exact block-by-block gradients) records each block's own
+(:func:`minillm.blocks.loop.capture`).
 """
 
 from __future__ import annotations
