@@ -25,7 +25,7 @@ import torch
 from _smollm2 import load_smollm2
 
 from minillm.evaluation.zeroshot import TASKS, make_lm, run_tasks
-from minillm.evaluation.zeroshot_lm import common_prefix_len
+from minillm.evaluation.zeroshot_lm import shared_len
 
 
 def timed(lm) -> dict:
@@ -88,9 +88,7 @@ def forward_cost(model, tok, task: str, args) -> dict:
             counts["hf_tokens"] += sum(len(x) for x in unique)
             counts["hf_rows"] += sum(len(x) for x in unique)
             inputs = [x for x, _ in rows]
-            shared = min(common_prefix_len(inputs), min(len(x) for x in inputs) - 1)
-            if len(unique) == 1:  # one forward scores every choice
-                shared = len(inputs[0])
+            shared = shared_len(inputs)
             counts["minillm_tokens"] += shared + sum(len(x) - shared for x in inputs)
             counts["minillm_rows"] += sum(len(c) for _, c in rows)
         return [(0.0, False)] * len(requests)

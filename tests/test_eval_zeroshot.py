@@ -20,7 +20,7 @@ from minillm.evaluation.zeroshot import (
     run_tasks,
     zero_shot,
 )
-from minillm.evaluation.zeroshot_lm import SharedPrefixLM
+from minillm.evaluation.zeroshot_lm import SharedPrefixLM, split_runs
 
 TASK_DATA = Path(__file__).parent / "data" / "zeroshot"
 
@@ -172,6 +172,34 @@ def test_shared_prefix_loglikelihoods_equal_hflm_on_tiny_models(tiny_model, fami
     for (ll_ref, greedy_ref), (ll, greedy) in zip(ref, got, strict=True):
         assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4)
         assert greedy == greedy_ref
+
+
+def _all_splits(n: int):
+    """Every way to cut ``range(n)`` into contiguous runs."""
+    if n == 0:
+        yield []
+        return
+    for first in range(1, n + 1):
+        for rest in _all_splits(n - first):
+            yield [range(0, first)] + [range(r.start + first, r.stop + first) for r in rest]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_runs_is_the_cheapest_split_within_the_cap(seed):
+    gen = torch.Generator().manual_seed(seed)
+    widths = sorted(torch.randint(1, 60, (7,), generator=gen).tolist(), reverse=True)
+    sizes = [w + int(torch.randint(0, 30, (1,), generator=gen)) for w in widths]
+    cap, overhead = 150, 20
+
+    def cost(runs):
+        return sum(overhead + len(r) * widths[r.start] for r in runs)
+
+    def fits(runs):
+        return all(len(r) == 1 or sum(sizes[i] for i in r) <= cap for r in runs)
+
+    got = split_runs(widths, sizes, cap=cap, overhead=overhead)
+    assert [i for r in got for i in r] == list(range(7)) and fits(got)
+    assert cost(got) == min(cost(runs) for runs in _all_splits(7) if fits(runs))
 
 
 def test_unknown_task_error_lists_valid_tasks():
