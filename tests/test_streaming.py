@@ -222,3 +222,52 @@ def test_two_torchrun_processes_give_one_process_model(
     assert got.keys() == ref.keys()
     for name, t in ref.items():  # statistics and Grams: sums over ranks in another order
         torch.testing.assert_close(got[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+KILL_IN_BACKWARD = """
+import os, signal, sys
+from minillm.blocks import streaming
+from minillm.prune import main
+
+load = streaming.StreamedModel.load
+seen = []
+
+def load_or_die(self, part):
+    seen.append(part)
+    if seen.count(1) == 2:  # block 1 loaded again: the backward sweep reached it
+        os.kill(os.getpid(), signal.SIGKILL)
+    load(self, part)
+
+streaming.StreamedModel.load = load_or_die
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "bloom"])
+def test_taylor_killed_in_its_backward_sweep_continues_to_the_same_model(
+    sharded_model_dir, calib_file, tmp_path, monkeypatch
+):
+    """A SIGKILL after block 2's backward: --resume backpropagates blocks 1 and 0 only."""
+    assert _prune(sharded_model_dir, calib_file, tmp_path / "whole", "taylor", "--offload") == 0
+    out = tmp_path / "resumed"
+    args = ["--model", sharded_model_dir, "--criterion", "taylor", "--calib", calib_file]
+    args += ["--nsamples", "6", "--seqlen", "16", "--batch-size", "4", "--ratio", "0.3"]
+    args += ["--layers", "0-2", "--out", out, "--quiet", "--offload"]
+    args = [str(a) for a in args]
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_BACKWARD, *args], cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists()
+    loads = []
+    load = streaming.StreamedModel.load
+    monkeypatch.setattr(
+        streaming.StreamedModel, "load", lambda self, part: loads.append(part) or load(self, part)
+    )
+    assert main([*args, "--resume"]) == 0
+    # resumed: no forward sweep, no LM head backward; block 2 only for the refit pass
+    assert "head" not in loads[: loads.index(1)]
+    assert loads.count(2) == 1 and loads.count(1) == 2 and loads.count(0) == 2
+    ref, got = shards.load_sharded(tmp_path / "whole"), shards.load_sharded(out)
+    assert got.keys() == ref.keys()
+    for name, t in ref.items():
+        torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=name)
+    assert not (tmp_path / ".resumed.resume").exists()

@@ -199,13 +199,19 @@ class HiddenStore:
     ``spill=True`` (default) writes each micro-batch of a boundary to a temporary directory and
     :meth:`take` reads them back one at a time, so resident memory holds one micro-batch of a
     stored boundary; ``False`` keeps them in memory until taken. Use as a context manager: the
-    directory is removed on exit.
+    directory is removed on exit. With ``directory`` (a run that may be resumed) the files go
+    there and stay until :meth:`discard`; ``counts``/``restore`` carry the index across runs.
     """
 
-    def __init__(self, spill: bool = True) -> None:
+    def __init__(self, spill: bool = True, directory: Path | None = None) -> None:
         self._mem: dict[int, list[torch.Tensor]] = {}
-        self._count: dict[int, int] = {}
-        self._dir = Path(tempfile.mkdtemp(prefix="minillm-hidden-")) if spill else None
+        self.counts: dict[int, int] = {}
+        self._keep = directory is not None
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        self._dir = directory or (
+            Path(tempfile.mkdtemp(prefix="minillm-hidden-")) if spill else None
+        )
 
     def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
         if self._dir is None:
@@ -213,28 +219,42 @@ class HiddenStore:
             return
         for j, h in enumerate(hidden):
             torch.save(h.detach().cpu(), self._dir / f"{layer}-{j}.pt")
-        self._count[layer] = len(hidden)
+        self.counts[layer] = len(hidden)
+
+    def restore(self, counts: dict[int, int]) -> None:
+        """Index the boundaries a previous run of the same ``directory`` stored."""
+        self.counts = dict(counts)
 
     def take(self, layer: int, device: torch.device) -> Iterator[torch.Tensor]:
         """The stored micro-batches of ``layer``, in order, each loaded when reached; the
-        layer's storage is released as they are taken."""
+        layer's storage is released as they are taken (kept until :meth:`discard` with a
+        ``directory``)."""
         if self._dir is None:
             hidden = self._mem.pop(layer)
             while hidden:
                 yield hidden.pop(0)
             return
-        for j in range(self._count.pop(layer)):
+        for j in range(self.counts[layer]):
             path = self._dir / f"{layer}-{j}.pt"
             h = torch.load(path).to(device)
-            path.unlink()
+            if not self._keep:
+                path.unlink()
             yield h
+        if not self._keep:
+            del self.counts[layer]
+
+    def discard(self, layer: int) -> None:
+        """Remove the stored micro-batches of ``layer``."""
+        self._mem.pop(layer, None)
+        for j in range(self.counts.pop(layer, 0)):
+            (self._dir / f"{layer}-{j}.pt").unlink(missing_ok=True)
 
     def __enter__(self) -> HiddenStore:
         return self
 
     def __exit__(self, *exc) -> None:
         self._mem.clear()
-        if self._dir is not None:
+        if self._dir is not None and not self._keep:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 

@@ -1,7 +1,10 @@
 """Resuming a streamed run after a kill: its scoring state, checkpointed block by block.
 
-The state after decoder block ``i`` (the hidden states leaving it, the input statistics and
-scores of the blocks done) is one safetensors file, ``state.safetensors`` in
+The state after decoder block ``i`` (forward-only criteria: the hidden states leaving it, the
+input statistics and scores of the blocks done; ``taylor``: after the forward sweep and after
+each block of the backward sweep, ``dL/d input`` of that block, the statistics and the reduced
+gradients of the blocks done, with the stored block inputs in ``hidden/``) is one safetensors
+file, ``state.safetensors`` in
 ``.<out>.resume/`` beside ``--out``, replaced atomically (temporary name + rename) after each
 block, with the run's arguments in ``args.json``. ``--resume`` continues from it when the
 arguments match (one-line error naming ``--resume`` otherwise); a run without ``--resume``

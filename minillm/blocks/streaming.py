@@ -299,7 +299,9 @@ def _score(
 ) -> tuple[dict, ScoringContext]:
     """Scores of every group and the context holding counters and statistics (pass 1)."""
     model, adapter = sm.model, sm.adapter
-    ctx = ScoringContext(model, adapter, groups, tokens, cfg.seed, options=options, source=sm)
+    ctx = ScoringContext(
+        model, adapter, groups, tokens, cfg.seed, options=options, source=sm, checkpoint=resume
+    )
     if cfg.criterion not in BLOCK_CRITERIA:  # random (no weights) or taylor (exact gradients)
         scores = CRITERIA[cfg.criterion](ctx)
         if cfg.compensate and "stats" not in ctx.cache:

@@ -73,6 +73,8 @@ class ScoringContext:
     criterion computed for another step (the input statistics, used by :func:`compensate`).
     ``source``: where decoder blocks come from when the model is not resident (a block
     source of :mod:`minillm.blocks.loop`; used by the block-by-block exact gradients).
+    ``checkpoint``: where those gradients save their progress (a streamed run's
+    :class:`~minillm.blocks.resume.ResumeState`), or None.
     """
 
     model: nn.Module
@@ -85,6 +87,7 @@ class ScoringContext:
     tokens_forwarded: int = 0
     cache: dict = field(default_factory=dict)
     source: object = None
+    checkpoint: object = None
 
     def option(self, name: str):
         return self.options.get(name, DEFAULT_OPTIONS[name])
@@ -185,6 +188,7 @@ def _exact_sums(ctx: ScoringContext, per_weight) -> dict:
         reduce=reduce,
         spill=ctx.option("spill"),
         source=ctx.source,
+        checkpoint=ctx.checkpoint,
     )
     ctx.count(passes)
     ctx.cache.setdefault("stats", stats)

@@ -23,6 +23,7 @@ from minillm.blocks.loop import (
     resident,
     run_block,
 )
+from minillm.blocks.resume import ResumeState
 from minillm.model.adapters import Adapter, Group, adapter_for
 from minillm.scoring.activations import (
     InputStats,
@@ -99,6 +100,7 @@ def weight_gradients(
     reduce: Callable[[nn.Linear, torch.Tensor, InputStats], object] | None = None,
     spill: bool = True,
     source: BlockSource | None = None,
+    checkpoint: ResumeState | None = None,
 ) -> tuple[dict, int, dict[nn.Linear, InputStats]]:
     """``dL/dW`` of each linear over ``tokens`` ``[n, seqlen]``, one decoder block at a time.
 
@@ -108,10 +110,13 @@ def weight_gradients(
     recomputed with grad on micro-batches of ``batch_size`` and the stored ``dL/d output`` is
     backpropagated through it. The gradients of one block's linears are complete after its
     step; ``reduce(linear, grad [out, in] float32, input_stats)`` turns each into what the caller
-    keeps (the gradient itself by default) before the next block, so one block's gradients live
-    at a time. Blocks below the lowest listed linear are never backpropagated. The linears'
-    input statistics are reduced during the forward sweep. With a ``source``
-    (:mod:`minillm.blocks.loop`) each block is loaded for its forward and again for its backward.
+    keeps (the gradient itself by default; a tensor or a tuple of tensors) before the next block,
+    so one block's gradients live at a time. Blocks below the lowest listed linear are never
+    backpropagated. The linears' input statistics are reduced during the forward sweep. With a
+    ``source`` (:mod:`minillm.blocks.loop`) each block is loaded for its forward and again for
+    its backward. With a ``checkpoint`` the block inputs are stored in its directory and the
+    state (``dL/d input``, statistics, reduced results) is saved after the forward sweep and
+    after each block's backward; a saved state is continued from.
 
     Returns ``({linear: reduce(linear, grad)}, forward_passes, {linear: InputStats})``.
     """
@@ -125,19 +130,26 @@ def weight_gradients(
     boundary = capture(model, adapter, tokens, batch_size, source)
     device = boundary.hidden[0].device
     passes = 2 * len(boundary.hidden)
-    results: dict = {}
-    with HiddenStore(spill) as store, _only_grad(model, []):
-        with torch.no_grad(), collected_stats(linears) as stats:
-            for i in range(len(blocks)):
-                if i >= lowest:
-                    store.put(i, boundary.hidden)
-                with resident(source, i):
-                    boundary = boundary.with_hidden(run_block(blocks[i], boundary.at(i)))
-        distributed.all_reduce_stats(stats)
-        with resident(source, "head"):
-            grads = _output_gradients(model, adapter, boundary, n)
+    saved = checkpoint.load() if checkpoint is not None else None
+    store_dir = checkpoint.dir / "hidden" if checkpoint is not None else None
+    with HiddenStore(spill, store_dir) as store, _only_grad(model, []):
+        if saved is None:
+            with torch.no_grad(), collected_stats(linears) as stats:
+                for i in range(len(blocks)):
+                    if i >= lowest:
+                        store.put(i, boundary.hidden)
+                    with resident(source, i):
+                        boundary = boundary.with_hidden(run_block(blocks[i], boundary.at(i)))
+            distributed.all_reduce_stats(stats)
+            with resident(source, "head"):
+                grads = _output_gradients(model, adapter, boundary, n)
+            top, results = len(blocks), {}
+            if checkpoint is not None:
+                checkpoint.save(top, *_pack_backward(linears, grads, stats, results, store.counts))
+        else:
+            top, grads, stats, results = _unpack_backward(linears, saved, store, device)
         boundary.hidden.clear()  # the top block's output is not needed any more
-        for i in reversed(range(lowest, len(blocks))):
+        for i in reversed(range(lowest, top)):
             own = [lin for lin in linears if layer_of[lin] == i]
             inputs = store.take(i, device)
             with resident(source, i):
@@ -148,7 +160,55 @@ def weight_gradients(
                     distributed.all_reduce_sum(lin.weight.grad)
                     results[lin] = reduce(lin, lin.weight.grad.float(), stats[lin])
                     lin.weight.grad = None
+            if checkpoint is not None:
+                left = {k: v for k, v in store.counts.items() if k != i}
+                checkpoint.save(i, *_pack_backward(linears, grads, stats, results, left))
+                store.discard(i)  # after the save: a kill in between leaves files, not a gap
     return results, passes, stats
+
+
+def _pack_backward(linears, grads, stats, results, stored: dict) -> tuple[dict, dict]:
+    """Tensors and metadata of a backward sweep's state (linears named by their index;
+    ``stored``: micro-batches per block boundary still on disk)."""
+    tensors = {f"grad.{j}": g for j, g in enumerate(grads)}
+    meta: dict = {"phase": "backward", "counts": {}, "results": {}, "stored": stored}
+    for k, lin in enumerate(linears):
+        st = stats[lin]
+        tensors[f"stats.{k}.sum_sq"], tensors[f"stats.{k}.sum"] = st.sum_sq, st.sum
+        meta["counts"][k] = st.count
+        if lin in results:
+            parts = results[lin]
+            single = torch.is_tensor(parts)
+            for m, t in enumerate([parts] if single else parts):
+                tensors[f"result.{k}.{m}"] = t
+            meta["results"][k] = None if single else len(parts)
+    return tensors, meta
+
+
+def _unpack_backward(linears, saved, store, device) -> tuple[int, list, dict, dict]:
+    """``(top, grads, stats, results)`` of a state saved by :func:`_pack_backward`."""
+    done, tensors, meta = saved
+    if meta.get("phase") != "backward":
+        raise ValueError("--resume: the saved state is not a block-by-block backward's")
+    store.restore({int(k): v for k, v in meta["stored"].items()})
+    grads = [
+        tensors[f"grad.{j}"].to(device)
+        for j in range(sum(1 for k in tensors if k.startswith("grad.")))
+    ]
+    stats = {
+        lin: InputStats(
+            tensors[f"stats.{k}.sum_sq"], tensors[f"stats.{k}.sum"], meta["counts"][str(k)]
+        )
+        for k, lin in enumerate(linears)
+    }
+    results = {}
+    for k, size in meta["results"].items():
+        lin = linears[int(k)]
+        if size is None:
+            results[lin] = tensors[f"result.{k}.0"]
+        else:
+            results[lin] = tuple(tensors[f"result.{k}.{m}"] for m in range(size))
+    return done, grads, stats, results
 
 
 def _block_backward(
