@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,6 +46,9 @@ def _prune(model_dir, calib_file, out, criterion, *extra) -> int:
         ("taylor", ()),
         ("flap", ()),  # the default: --reconstruct
         ("wanda-sp", ("--reconstruct", "--select", "refit")),
+        ("fms", ()),  # per-weight SPSA, block by block
+        ("fms", ("--fms-variant", "layer")),
+        ("fms", ("--fms-variant", "unit", "--no-reconstruct")),
     ],
 )
 def test_streamed_pruning_equals_in_memory(
@@ -84,6 +88,17 @@ def test_streamed_pruning_equals_in_memory(
         torch.testing.assert_close(
             load_pruned(out)(ids).logits, load_pruned(tmp_path / "mem")(ids).logits
         )
+
+
+@pytest.mark.parametrize("family", ["llama-gqa"])
+@pytest.mark.parametrize("flags", [("--fms-variant", "removal"), ("--gradients", "backprop")])
+def test_fms_without_a_block_by_block_spsa_is_refused(
+    sharded_model_dir, calib_file, tmp_path, capsys, flags
+):
+    assert _prune(sharded_model_dir, calib_file, tmp_path / "out", "fms", "--offload", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fms streams with --gradients spsa and --fms-variant weight, unit, layer" in err
+    assert "\n" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("family", ["llama-gqa"])
@@ -202,12 +217,18 @@ def test_killed_run_resumes_to_the_same_model(
 @pytest.mark.parametrize("family", ["opt"])
 @pytest.mark.parametrize(
     "criterion, repair",
-    [("flap", "--compensate"), ("flap", "--reconstruct"), ("taylor", "--reconstruct")],
+    [
+        ("flap", "--compensate"),
+        ("flap", "--reconstruct"),
+        ("taylor", "--reconstruct"),
+        ("fms", "--reconstruct"),
+    ],
 )
 def test_two_torchrun_processes_give_one_process_model(
     sharded_model_dir, calib_file, tmp_path, criterion, repair
 ):
-    """Statistics, Gram matrices and (taylor) each block's weight gradients are all-reduced."""
+    """Statistics, Gram matrices, (taylor) each block's weight gradients and (fms) the SPSA
+    coefficients are all-reduced."""
     assert _prune(sharded_model_dir, calib_file, tmp_path / "one", criterion, repair) == 0
     args = ["--model", sharded_model_dir, "--criterion", criterion, "--calib", calib_file]
     args += ["--nsamples", "6", "--seqlen", "16", "--batch-size", "2", "--ratio", "0.3"]
@@ -224,37 +245,37 @@ def test_two_torchrun_processes_give_one_process_model(
         torch.testing.assert_close(got[name], t, rtol=1e-4, atol=1e-5, msg=name)
 
 
-KILL_IN_BACKWARD = """
+KILL_AT_NTH_LOAD = """
 import os, signal, sys
 from minillm.blocks import streaming
 from minillm.prune import main
 
 load = streaming.StreamedModel.load
+part, nth = map(int, os.environ["KILL_AT"].split(":"))
 seen = []
 
-def load_or_die(self, part):
-    seen.append(part)
-    if seen.count(1) == 2:  # block 1 loaded again: the backward sweep reached it
+def load_or_die(self, p):
+    seen.append(p)
+    if seen.count(part) == nth:  # block `part` loaded for the nth time: die before it runs
         os.kill(os.getpid(), signal.SIGKILL)
-    load(self, part)
+    load(self, p)
 
 streaming.StreamedModel.load = load_or_die
 main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "bloom"])
-def test_taylor_killed_in_its_backward_sweep_continues_to_the_same_model(
-    sharded_model_dir, calib_file, tmp_path, monkeypatch
-):
-    """A SIGKILL after block 2's backward: --resume backpropagates blocks 1 and 0 only."""
-    assert _prune(sharded_model_dir, calib_file, tmp_path / "whole", "taylor", "--offload") == 0
+def _kill_and_resume(model_dir, calib_file, tmp_path, monkeypatch, criterion, kill_at) -> list:
+    """Prune ``model_dir`` whole and again killed at ``kill_at`` ("block:nth load") then
+    resumed; asserts both give the same model and returns the resumed run's loads."""
+    assert _prune(model_dir, calib_file, tmp_path / "whole", criterion, "--offload") == 0
     out = tmp_path / "resumed"
-    args = ["--model", sharded_model_dir, "--criterion", "taylor", "--calib", calib_file]
+    args = ["--model", model_dir, "--criterion", criterion, "--calib", calib_file]
     args += ["--nsamples", "6", "--seqlen", "16", "--batch-size", "4", "--ratio", "0.3"]
     args += ["--layers", "0-2", "--out", out, "--quiet", "--offload"]
     args = [str(a) for a in args]
-    killed = subprocess.run([sys.executable, "-c", KILL_IN_BACKWARD, *args], cwd=tmp_path)
+    env = {**os.environ, "KILL_AT": kill_at}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_NTH_LOAD, *args], cwd=tmp_path, env=env)
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists()
     loads = []
@@ -263,11 +284,30 @@ def test_taylor_killed_in_its_backward_sweep_continues_to_the_same_model(
         streaming.StreamedModel, "load", lambda self, part: loads.append(part) or load(self, part)
     )
     assert main([*args, "--resume"]) == 0
-    # resumed: no forward sweep, no LM head backward; block 2 only for the refit pass
-    assert "head" not in loads[: loads.index(1)]
-    assert loads.count(2) == 1 and loads.count(1) == 2 and loads.count(0) == 2
     ref, got = shards.load_sharded(tmp_path / "whole"), shards.load_sharded(out)
     assert got.keys() == ref.keys()
     for name, t in ref.items():
         torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=name)
     assert not (tmp_path / ".resumed.resume").exists()
+    return loads
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "bloom"])
+def test_taylor_killed_in_its_backward_sweep_continues_to_the_same_model(
+    sharded_model_dir, calib_file, tmp_path, monkeypatch
+):
+    """Killed when its backward sweep reaches block 1: --resume backpropagates blocks 1, 0."""
+    loads = _kill_and_resume(sharded_model_dir, calib_file, tmp_path, monkeypatch, "taylor", "1:2")
+    # resumed: no forward sweep, no LM head backward; block 2 only for the refit pass
+    assert "head" not in loads[: loads.index(1)]
+    assert loads.count(2) == 1 and loads.count(1) == 2 and loads.count(0) == 2
+
+
+@pytest.mark.parametrize("family", ["llama-gqa"])
+def test_fms_killed_in_its_spsa_sweep_keeps_its_statistics(
+    sharded_model_dir, calib_file, tmp_path, monkeypatch
+):
+    """Killed when the SPSA sweep reaches block 0: --resume skips the statistics pass."""
+    loads = _kill_and_resume(sharded_model_dir, calib_file, tmp_path, monkeypatch, "fms", "0:2")
+    # SPSA sweep, weight scores and refit: three loads of block 0 (four uninterrupted)
+    assert loads.count(0) == 3

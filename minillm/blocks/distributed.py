@@ -33,6 +33,15 @@ def my_rows(tokens: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return tokens.tensor_split(size)[rank]
 
 
+def first_row(n: int) -> int:
+    """Index in the whole calibration set of this rank's first sequence (it holds ``n``)."""
+    if _alone():
+        return 0
+    counts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, n)
+    return sum(counts[: dist.get_rank()])
+
+
 def _alone() -> bool:
     return not dist.is_initialized() or dist.get_world_size() == 1
 

@@ -3,8 +3,8 @@
 The state after decoder block ``i`` (forward-only criteria: the hidden states leaving it, the
 input statistics and scores of the blocks done; ``taylor``: after the forward sweep and after
 each block of the backward sweep, ``dL/d input`` of that block, the statistics and the reduced
-gradients of the blocks done, with the stored block inputs in ``hidden/``) is one safetensors
-file, ``state.safetensors`` in
+gradients of the blocks done, with the stored block inputs in ``hidden/``; ``fms``: its
+statistics pass, its SPSA sweep restarts) is one safetensors file, ``state.safetensors`` in
 ``.<out>.resume/`` beside ``--out``, replaced atomically (temporary name + rename) after each
 block, with the run's arguments in ``args.json``. ``--resume`` continues from it when the
 arguments match (one-line error naming ``--resume`` otherwise); a run without ``--resume``

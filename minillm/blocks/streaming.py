@@ -14,8 +14,10 @@ passes over the checkpoint:
 1. score: embeddings -> block 0 -> ... through :func:`minillm.blocks.loop.sweep`; each pruned
    block's input statistics are reduced while it runs on the hidden states of every calibration
    sequence and its groups are scored right away (``magnitude``, ``wanda-sp``, ``flap`` need only
-   that block); ``taylor`` runs the block-by-block exact gradients with this source; ``random``
-   needs no weights. Blocks above the last pruned one are not loaded for forward-only criteria.
+   that block); ``taylor`` runs the block-by-block exact gradients with this source; ``fms``
+   adds a sweep of its SPSA passes as streams through every block (and, per weight, a third
+   pass for the scores); ``random`` needs no weights. Blocks above the last pruned one are not
+   loaded for the statistics-only criteria.
 2. allocate (uniform or global, as in memory), then load each block again, compensate (FLAP),
    prune it, release it: with a :class:`~minillm.model.shards.ShardWriter` attached, a part is
    written when released. ``--reconstruct`` runs :func:`minillm.blocks.reconstruct.prune_sequential`
@@ -61,13 +63,22 @@ from minillm.model.dtypes import parse_dtype
 from minillm.model.io import atomic_output_dir, save_pruned
 from minillm.model.loading import load_model
 from minillm.model.surgery import count_params, prune_layer
-from minillm.scoring import allocation
+from minillm.scoring import allocation, spsa
 from minillm.scoring.activations import InputStats, collected_stats
-from minillm.scoring.criteria import CRITERIA, ScoringContext, compensate
+from minillm.scoring.criteria import (
+    CRITERIA,
+    ScoringContext,
+    compensate,
+    fms_from_multipliers,
+    fms_weight_scores,
+    linears_of,
+    spsa_options,
+    wanda_sp,
+)
 
 log = logging.getLogger("minillm")
 BLOCK_CRITERIA = ("magnitude", "wanda-sp", "flap")  # a layer's scores need only its block
-STREAMED_CRITERIA = (*BLOCK_CRITERIA, "random", "taylor")
+STREAMED_FMS = ("weight", "unit", "layer")  # fms variants with a block-by-block SPSA
 
 
 def _skeleton(config, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
@@ -274,10 +285,10 @@ def cached_gguf(model: str | None, gguf_file: str | None) -> Path:
 
 
 def _validate(cfg) -> None:
-    if cfg.criterion not in STREAMED_CRITERIA:
+    if cfg.criterion == "fms" and (cfg.fms_variant not in STREAMED_FMS or cfg.gradients != "spsa"):
         raise ValueError(
-            f"--criterion: '{cfg.criterion}' cannot stream blocks yet; "
-            f"with --offload use one of {', '.join(STREAMED_CRITERIA)}"
+            f"--fms-variant/--gradients: fms streams with --gradients spsa and --fms-variant "
+            f"{', '.join(STREAMED_FMS)} (got {cfg.fms_variant}, {cfg.gradients})"
         )
     needs_text = cfg.compensate or cfg.reconstruct is not False
     if cfg.calib == "self" and (needs_text or cfg.criterion not in ("random", "magnitude")):
@@ -302,6 +313,8 @@ def _score(
     ctx = ScoringContext(
         model, adapter, groups, tokens, cfg.seed, options=options, source=sm, checkpoint=resume
     )
+    if cfg.criterion == "fms":
+        return _score_fms(sm, cfg, tokens, ctx, resume), ctx
     if cfg.criterion not in BLOCK_CRITERIA:  # random (no weights) or taylor (exact gradients)
         scores = CRITERIA[cfg.criterion](ctx)
         if cfg.compensate and "stats" not in ctx.cache:
@@ -320,6 +333,58 @@ def _score(
         return scores, ctx
     ctx.cache["stats"], scores = _stream_stats(sm, cfg, tokens, ctx, score, resume)
     return scores, ctx
+
+
+def _score_fms(sm: StreamedModel, cfg, tokens, ctx: ScoringContext, resume) -> dict:
+    """``fms`` in three passes over the checkpoint: the statistics and wanda-sp scores of the
+    pruned blocks (resumable), the SPSA passes as streams through every block
+    (:func:`minillm.scoring.spsa.spsa_by_block`), then for the ``weight`` variant each pruned
+    block again for its scores from the estimate (the multiplier variants need no weights)."""
+    variant = ctx.option("fms_variant")
+    stats, a = _stream_stats(sm, cfg, tokens, ctx, wanda_sp, resume)
+    ctx.cache["stats"] = stats
+    per_weight = variant == "weight"
+    kw = spsa_options(ctx, per_weight)
+    rounds, half = kw.pop("n_perturbations"), kw.pop("batch_size")
+    linears = dict(enumerate(linears_of(ctx.groups)))
+
+    def make_pass(k: int, bi: int, i0: int, b: int) -> spsa.Pass:
+        if per_weight:
+            return spsa.weight_pass(list(linears.items()), k, bi, b, **kw)
+        return spsa.multiplier_pass(ctx.groups, k, bi, i0, b, resolution=variant, **kw)
+
+    estimate, passes = spsa.spsa_by_block(
+        sm.model,
+        tokens,
+        make_pass,
+        n_perturbations=rounds,
+        batch_size=half,
+        first_row=distributed.first_row(tokens.shape[0]),
+        source=sm,
+    )
+    ctx.count(passes, 2 * rounds)
+    if not per_weight:
+        grads = [
+            spsa.multiplier_gradient(estimate, gi, spsa.n_coords(g, variant), kw["dist"])
+            for gi, g in enumerate(ctx.groups)
+        ]
+        for g in grads:
+            distributed.all_reduce_sum(g)
+        return fms_from_multipliers(ctx, a, grads, variant)
+    # one seed per round on every rank: all-reduce the coefficients
+    coeffs = torch.tensor([c for _, c in estimate], dtype=torch.float64)
+    distributed.all_reduce_sum(coeffs)
+    estimate = list(zip([s for s, _ in estimate], coeffs.tolist(), strict=True))
+    scores = {}
+    for layer in sorted({g.layer for g in ctx.groups}):
+        with resident(sm, layer):
+            block_groups = _block_groups(sm, layer, _kinds(cfg), cfg.gqa)
+            mine = set(linears_of(block_groups))
+            block_linears = {tid: lin for tid, lin in linears.items() if lin in mine}
+            scores.update(
+                fms_weight_scores(block_groups, block_linears, stats, estimate, kw["dist"])
+            )
+    return scores
 
 
 def _kinds(cfg) -> list[str]:

@@ -98,7 +98,8 @@ class ScoringContext:
         self.tokens_forwarded += self.batches.numel() * sequences_per_pass_factor
 
 
-def _linears(groups: list[Group]) -> list[nn.Linear]:
+def linears_of(groups: list[Group]) -> list[nn.Linear]:
+    """Every producer and consumer linear of ``groups``, once each, in order (tensor ids)."""
     return list(dict.fromkeys(b.linear for g in groups for b in g.producers + g.consumers))
 
 
@@ -106,7 +107,7 @@ def input_stats(ctx: ScoringContext) -> dict[nn.Linear, InputStats]:
     """Input statistics of every producer and consumer linear (one calibration pass, cached)."""
     if "stats" not in ctx.cache:
         stats, passes = collect_input_stats(
-            ctx.model, _linears(ctx.groups), ctx.batches, ctx.option("batch_size")
+            ctx.model, linears_of(ctx.groups), ctx.batches, ctx.option("batch_size")
         )
         ctx.count(passes)
         ctx.cache["stats"] = stats
@@ -182,7 +183,7 @@ def _exact_sums(ctx: ScoringContext, per_weight) -> dict:
 
     sums, passes, stats = exact.weight_gradients(
         ctx.model,
-        _linears(ctx.groups),
+        linears_of(ctx.groups),
         ctx.batches,
         max(1, ctx.option("batch_size") // 2),
         reduce=reduce,
@@ -221,7 +222,14 @@ def fms(ctx: ScoringContext) -> Scores:
     a = wanda_sp(ctx)
     if variant == "removal":
         return _fms_removal(ctx, a)
-    grads = _multiplier_gradients(ctx, variant)
+    return fms_from_multipliers(ctx, a, _multiplier_gradients(ctx, variant), variant)
+
+
+def fms_from_multipliers(
+    ctx: ScoringContext, a: Scores, grads: list[torch.Tensor], variant: str
+) -> Scores:
+    """FMS of the ``unit``/``layer`` variants from the activation scores ``a`` (wanda-sp) and
+    ``grads[i]`` ``[n_coords]``, ``dL/dm`` of ``ctx.groups[i]``'s multipliers."""
     if variant == "unit":
         return {
             (g.layer, g.kind): a[(g.layer, g.kind)] * grads[i].abs()
@@ -256,7 +264,7 @@ def _fms_removal(ctx: ScoringContext, a: Scores) -> Scores:
         ctx.count(passes, len(ctx.groups) + 1)
         sens = damage
     else:
-        kw = _spsa_kwargs(ctx, per_weight=False)
+        kw = spsa_options(ctx, per_weight=False)
         est, passes = spsa.spsa_multipliers(
             ctx.model, ctx.groups, ctx.batches, resolution="layer", candidates=cands, **kw
         )
@@ -266,7 +274,8 @@ def _fms_removal(ctx: ScoringContext, a: Scores) -> Scores:
     return _tilted(ctx, a, sens.clamp_min(0.1 * sens.abs().mean()))  # noise can make D < 0
 
 
-def _spsa_kwargs(ctx: ScoringContext, per_weight: bool) -> dict:
+def spsa_options(ctx: ScoringContext, per_weight: bool) -> dict:
+    """Keyword arguments of the SPSA estimators from ``ctx``'s options (per weight or not)."""
     eps, sharing = ctx.option("eps"), ctx.option("spsa_sharing")
     return dict(
         n_perturbations=ctx.option("perturbations"),
@@ -286,7 +295,7 @@ def _multiplier_gradients(ctx: ScoringContext, resolution: str) -> list[torch.Te
         )
         ctx.count(passes)
         return grads
-    kw = _spsa_kwargs(ctx, per_weight=False)
+    kw = spsa_options(ctx, per_weight=False)
     est, passes = spsa.spsa_multipliers(
         ctx.model, ctx.groups, ctx.batches, resolution=resolution, **kw
     )
@@ -303,17 +312,29 @@ def _fms_weight(ctx: ScoringContext) -> Scores:
         sums = _exact_sums(ctx, lambda w, g, st: w.abs() * st.norm * g.abs())
         return _scores_from_sums(ctx.groups, sums)
     stats = input_stats(ctx)
-    linears = _linears(ctx.groups)
-    kw = _spsa_kwargs(ctx, per_weight=True)
+    linears = linears_of(ctx.groups)
+    kw = spsa_options(ctx, per_weight=True)
     est, passes = spsa.spsa_weights(ctx.model, list(enumerate(linears)), ctx.batches, **kw)
     ctx.count(passes, 2 * kw["n_perturbations"])
     ctx.cache["spsa_estimate"] = est
-    seeds, coeffs = [s for s, _ in est], [c for _, c in est]
+    return fms_weight_scores(ctx.groups, dict(enumerate(linears)), stats, est, kw["dist"])
+
+
+def fms_weight_scores(
+    groups: list[Group],
+    linears: dict[int, nn.Linear],
+    stats: dict[nn.Linear, InputStats],
+    estimate: spsa.Estimate,
+    dist: str,
+) -> Scores:
+    """FMS of the ``weight`` variant for ``groups`` from a per-weight SPSA ``estimate`` whose
+    tensor ids are the keys of ``linears`` (every producer and consumer of ``groups``)."""
+    seeds, coeffs = [s for s, _ in estimate], [c for _, c in estimate]
     sums = {
-        lin: ops.fms_scores(lin.weight.detach(), stats[lin].norm, seeds, coeffs, tid, kw["dist"])
-        for tid, lin in enumerate(linears)
+        lin: ops.fms_scores(lin.weight.detach(), stats[lin].norm, seeds, coeffs, tid, dist)
+        for tid, lin in linears.items()
     }
-    return _scores_from_sums(ctx.groups, sums)
+    return _scores_from_sums(groups, sums)
 
 
 @torch.no_grad()

@@ -27,14 +27,17 @@ rebuilt from it on demand (:func:`multiplier_gradient`, :func:`minillm.kernels.o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from minillm.blocks import distributed
+from minillm.blocks.loop import BlockSource, HiddenStore, block_output, capture, resident
 from minillm.kernels.noise import unit_noise
-from minillm.model.adapters import Group
-from minillm.scoring.activations import sequence_losses
+from minillm.model.adapters import Group, adapter_for
+from minillm.scoring.activations import chunked_lm_loss, sequence_losses
 from minillm.scoring.perturb import perturbed
 
 Estimate = list[tuple[int, float]]
@@ -235,3 +238,119 @@ def spsa_weights(
             d = (losses[:b] - losses[b:]).double().sum().item() / (2 * eps)
             coeffs[s] = coeffs.get(s, 0.0) + d / (n_perturbations * n)
     return _merge(coeffs), passes
+
+
+@dataclass
+class Pass:
+    """One forward of an estimate: the seeds of its ``b`` sequences, the perturbation its
+    ``+``/``-`` halves run under (a fresh context manager per call) and the step dividing
+    ``L+ - L-``."""
+
+    seeds: list[int]
+    perturbation: Callable[[], AbstractContextManager]
+    step: float
+
+
+def multiplier_pass(
+    groups: Sequence[Group],
+    k: int,
+    bi: int,
+    i0: int,
+    b: int,
+    *,
+    resolution: str,
+    eps: float,
+    dist: str,
+    seed: int,
+    sharing: str,
+) -> Pass:
+    """Pass ``(k, bi)`` of :func:`spsa_multipliers` (sequences ``i0 .. i0 + b``); the factors
+    of a group are drawn when its consumer runs."""
+    seeds = [derive_seed(seed, k, _slot(sharing, bi, i0 + j)) for j in range(b)]
+    uniq = list(dict.fromkeys(seeds))
+    rows = torch.tensor([uniq.index(s) for s in seeds])
+    sign = torch.cat([torch.ones(b), -torch.ones(b)])[:, None]
+
+    def factors(gi: int) -> torch.Tensor:
+        n = n_coords(groups[gi], resolution)
+        z = torch.stack([unit_noise(s, gi, n, dist) for s in uniq])[rows]
+        return 1 + eps * sign * z.repeat(2, 1)
+
+    return Pass(seeds, lambda: scaled_consumer_inputs(groups, factors, resolution), 2 * eps)
+
+
+def weight_pass(
+    linears: Sequence[tuple[int, nn.Linear]],
+    k: int,
+    bi: int,
+    b: int,
+    *,
+    eps: float,
+    dist: str,
+    seed: int,
+    sharing: str,
+) -> Pass:
+    """Pass ``(k, bi)`` of :func:`spsa_weights` (``b`` sequences)."""
+    if sharing == "sequence":
+        raise ValueError("per-weight perturbations are shared by a pass: use global or batch")
+    s = derive_seed(seed, k, _slot(sharing, bi, 0))
+    return Pass([s] * b, lambda: perturbed(linears, s, eps, dist, "dense"), 2 * eps)
+
+
+@torch.no_grad()
+def spsa_by_block(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    make_pass: Callable[[int, int, int, int], Pass],
+    *,
+    n_perturbations: int,
+    batch_size: int,
+    first_row: int = 0,
+    source: BlockSource | None = None,
+    spill: bool = True,
+) -> tuple[Estimate, int]:
+    """The estimate of :func:`spsa_multipliers` / :func:`spsa_weights`, one decoder block at a
+    time (a model streamed from disk loads each block once).
+
+    Every pass ``make_pass(k, bi, i0, b)`` (round ``k``, micro-batch ``bi`` of ``batch_size``
+    sequences starting at row ``first_row + i0`` of the whole calibration set) is a stream of
+    hidden states ``[2b, seqlen, d]`` (its sequences twice: the ``+`` and ``-`` halves); block
+    ``i`` runs every stream under its pass's perturbation before block ``i + 1`` is loaded, and
+    the streams wait in a :class:`~minillm.blocks.loop.HiddenStore` (on disk with ``spill``:
+    ``2 * n_perturbations`` times the calibration hidden states). At the LM head each
+    sequence's ``(L+ - L-) / step`` is its coefficient. Under torchrun the coefficients are
+    divided by the sequences of every rank; each rank returns its own seeds' coefficients.
+    Returns ``(estimate, forward_passes)``.
+    """
+    adapter = adapter_for(model)
+    blocks = adapter.layers(model)
+    n = tokens.shape[0]
+    total = distributed.total_count(n)
+    starts = list(range(0, n, batch_size))
+    doubled = torch.cat([torch.cat([tokens[i0 : i0 + batch_size]] * 2) for i0 in starts])
+    boundary = capture(model, adapter, doubled, 2 * batch_size, source)  # [batch; batch] each
+    device = boundary.hidden[0].device
+    runs = [(k, bi, i0) for k in range(n_perturbations) for bi, i0 in enumerate(starts)]
+    passes = [make_pass(k, bi, first_row + i0, min(batch_size, n - i0)) for k, bi, i0 in runs]
+    coeffs: dict[int, float] = {}
+    with HiddenStore(spill) as store:
+        for p, (_, bi, _) in enumerate(runs):
+            store.put(p, [boundary.hidden[bi]])
+        boundary.hidden.clear()
+        for i, block in enumerate(blocks):
+            with resident(source, i):
+                kwargs = boundary.at(i).kwargs
+                for p, (_, bi, _) in enumerate(runs):
+                    (h,) = store.take(p, device)
+                    with passes[p].perturbation():
+                        store.put(p, [block_output(block(h, **kwargs[bi]))])
+        with resident(source, "head"):
+            norm = adapter.final_norm(model)
+            for p, (_, bi, _) in enumerate(runs):
+                (h,) = store.take(p, device)
+                losses = chunked_lm_loss(model, norm(h), boundary.tokens[bi])
+                b = losses.shape[0] // 2
+                d = (losses[:b] - losses[b:]).double() / passes[p].step
+                for s, dj in zip(passes[p].seeds, d.tolist(), strict=True):
+                    coeffs[s] = coeffs.get(s, 0.0) + dj / (n_perturbations * total)
+    return _merge(coeffs), len(runs)
