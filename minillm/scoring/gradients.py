@@ -188,13 +188,11 @@ def _pack_backward(linears, grads, stats, results, stored: dict) -> tuple[dict, 
 def _unpack_backward(linears, saved, store, device) -> tuple[int, list, dict, dict]:
     """``(top, grads, stats, results)`` of a state saved by :func:`_pack_backward`."""
     done, tensors, meta = saved
+    tensors = {k: t.to(device) for k, t in tensors.items()}
     if meta.get("phase") != "backward":
         raise ValueError("--resume: the saved state is not a block-by-block backward's")
     store.restore({int(k): v for k, v in meta["stored"].items()})
-    grads = [
-        tensors[f"grad.{j}"].to(device)
-        for j in range(sum(1 for k in tensors if k.startswith("grad.")))
-    ]
+    grads = [tensors[f"grad.{j}"] for j in range(sum(k.startswith("grad.") for k in tensors))]
     stats = {
         lin: InputStats(
             tensors[f"stats.{k}.sum_sq"], tensors[f"stats.{k}.sum"], meta["counts"][str(k)]
