@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--no-recovery", action="store_true", help="pruned rows only")
+    p.add_argument(
+        "--recovery-for",
+        help="NAME@RATIO,...: recovered rows for these only (default: every pruned row)",
+    )
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--recover-steps", type=int, default=120)
@@ -99,7 +103,8 @@ def jobs(args) -> list[tuple[str, float, bool]]:
             raise SystemExit(f"--configs: unknown '{name}'; valid: dense, {', '.join(CONFIGS)}")
         for r in [ratio] if ratio else args.ratios.split(","):
             out.append((name, float(r), False))
-            if not args.no_recovery:
+            wanted = args.recovery_for is None or f"{name}@{r}" in args.recovery_for.split(",")
+            if not args.no_recovery and wanted:
                 out.append((name, float(r), True))
     return out
 
