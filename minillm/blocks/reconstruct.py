@@ -34,6 +34,7 @@ from minillm.model.adapters import Adapter
 from minillm.model.surgery import prune_layer
 
 log = logging.getLogger("minillm")
+GRAM_SLAB = 512  # Gram rows accumulated per product
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Gram:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx += (x.t() @ x).double()
+        for s in range(0, x.shape[1], GRAM_SLAB):  # a slab of rows at a time: no [in, in] temporary
+            self.xtx[s : s + GRAM_SLAB] += (x[:, s : s + GRAM_SLAB].t() @ x).double()
         self.xsum += x.sum(0).double()
         self.count += x.shape[0]
 
@@ -98,15 +100,14 @@ def refit_weights(
     w = weight.double()
     k = kept.numel()
     a = _augmented(gram, kept)
-    rhs = torch.cat([gram.xtx[kept] @ w.t(), (gram.xsum @ w.t())[None]])  # [k + 1, out]
+    rhs = torch.cat([(gram.xtx @ w.t())[kept], (gram.xsum @ w.t())[None]])  # [k + 1, out]
     lam = ridge * a[:k, :k].diagonal().mean().clamp_min(1e-12)
     for _ in range(5):
-        reg, target = a.clone(), rhs.clone()
-        reg.diagonal()[:k] += lam
-        target[:k] += lam * w[:, kept].t()
-        chol, info = torch.linalg.cholesky_ex(reg)
+        a.diagonal()[:k] += lam  # in place: the system is the largest matrix after the Gram
+        chol, info = torch.linalg.cholesky_ex(a)
         if info == 0:
             break
+        a.diagonal()[:k] -= lam
         lam = lam * 10
         log.warning("reconstruction: Gram matrix not positive definite, ridge raised to %.2e", lam)
     else:
@@ -114,7 +115,9 @@ def refit_weights(
             "reconstruction: the Gram matrix stays singular; use more calibration tokens "
             "(--nsamples/--seqlen) or a larger --ridge"
         )
-    sol = torch.cholesky_solve(target, chol)  # [k + 1, out]
+    del a
+    rhs[:k] += lam * w[:, kept].t()
+    sol = torch.cholesky_solve(rhs, chol)  # [k + 1, out]
     new_bias = sol[k] + (bias.double() if bias is not None else 0.0)
     return sol[:k].t().contiguous(), new_bias
 
@@ -124,7 +127,7 @@ def _augmented(gram: Gram, cols: torch.Tensor) -> torch.Tensor:
     appended (the last row and column: the sums and the token count)."""
     k = cols.numel()
     a = torch.empty(k + 1, k + 1, dtype=torch.float64, device=gram.xtx.device)
-    a[:k, :k] = gram.xtx[cols][:, cols]
+    a[:k, :k] = gram.xtx[cols[:, None], cols]  # no [k, in] temporary
     a[:k, k] = a[k, :k] = gram.xsum[cols]
     a[k, k] = float(gram.count)
     return a
