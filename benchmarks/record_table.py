@@ -40,11 +40,11 @@ from minillm.evaluation.perplexity import perplexity_stats
 from minillm.evaluation.zeroshot import zero_shot
 from minillm.model.loading import load_model
 
-# name -> extra prune flags ("default": the CLI's default criterion)
+# name -> extra prune flags. "default": the CLI's default, flap + the refit (so no separate
+# "flap" row); the other criteria run with the same default refit, except FLAP's own repair
 CONFIGS = {
     "default": [],
     "wanda-sp": ["--criterion", "wanda-sp"],
-    "flap": ["--criterion", "flap"],
     "flap+compensate": ["--criterion", "flap", "--compensate"],
     "taylor": ["--criterion", "taylor"],
     "fms": ["--criterion", "fms", "--gradients", "spsa"],

@@ -95,15 +95,38 @@ def refit_weights(
     float64 by Cholesky; where the regularized system is not positive definite the ridge is
     raised tenfold (up to four times) with a warning, then ValueError.
     """
+    return solve_refit(*normal_equations(weight, gram, kept), weight, bias, kept, ridge)
+
+
+def normal_equations(
+    weight: torch.Tensor, gram: Gram, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refit's system ``[k + 1, k + 1]`` and right-hand side ``[k + 1, out]`` (float64):
+    the Gram of the kept columns with a constant 1 appended, and its product with the dense
+    weights. The Gram itself is not needed after this."""
     if gram.count == 0:
         raise ValueError("reconstruction: no calibration tokens reached the layer")
     w = weight.double()
-    k = kept.numel()
     a = _augmented(gram, kept)
-    rhs = torch.cat([(gram.xtx @ w.t())[kept], (gram.xsum @ w.t())[None]])  # [k + 1, out]
+    rhs = torch.cat([(gram.xtx @ w.t())[kept], (gram.xsum @ w.t())[None]])
+    return a, rhs
+
+
+def solve_refit(
+    a: torch.Tensor,
+    rhs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kept: torch.Tensor,
+    ridge: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`refit_weights` from its :func:`normal_equations` (``a`` and ``rhs`` are
+    overwritten)."""
+    w = weight.double()
+    k = kept.numel()
     lam = ridge * a[:k, :k].diagonal().mean().clamp_min(1e-12)
     for _ in range(5):
-        a.diagonal()[:k] += lam  # in place: the system is the largest matrix after the Gram
+        a.diagonal()[:k] += lam  # in place: the system is the largest matrix of the solve
         chol, info = torch.linalg.cholesky_ex(a)
         if info == 0:
             break
@@ -115,7 +138,6 @@ def refit_weights(
             "reconstruction: the Gram matrix stays singular; use more calibration tokens "
             "(--nsamples/--seqlen) or a larger --ridge"
         )
-    del a
     rhs[:k] += lam * w[:, kept].t()
     sol = torch.cholesky_solve(rhs, chol)  # [k + 1, out]
     new_bias = sol[k] + (bias.double() if bias is not None else 0.0)
@@ -225,8 +247,10 @@ def prune_and_refit(
         keep = keep.nonzero().flatten()
     keep = keep.sort().values
     cols = consumer.indices(keep.to(lin.weight.device))
-    weight, bias = refit_weights(lin.weight, lin.bias, gram, cols, ridge)
-    del gram
+    a, rhs = normal_equations(lin.weight, gram, cols)
+    del gram  # before the solve: the Gram is the largest matrix of the refit
+    weight, bias = solve_refit(a, rhs, lin.weight, lin.bias, cols, ridge)
+    del a, rhs
     # slice through the surgery (head counts, BLOOM's ALiBi rows), then write the refit weights
     heads, channels = (keep, None) if kind == "heads" else (None, keep)
     prune_layer(model, adapter, layer, heads, channels, gqa)
