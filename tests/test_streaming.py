@@ -90,6 +90,25 @@ def test_streamed_pruning_equals_in_memory(
         )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+@pytest.mark.parametrize("criterion", ["flap", "wanda-sp"])
+def test_cuda_prunes_like_the_cpu(sharded_model_dir, calib_file, tmp_path, criterion):
+    """In memory and streamed on CUDA: the CPU's kept units, its weights within float error."""
+    model, calib = sharded_model_dir, calib_file
+    assert _prune(model, calib, tmp_path / "cpu", criterion, "--device", "cpu") == 0
+    ref = json.loads((tmp_path / "cpu" / "report.json").read_text())
+    ref_weights = shards.load_sharded(tmp_path / "cpu")
+    for name, extra in [("mem", ()), ("streamed", ("--offload",))]:
+        out = tmp_path / name
+        assert _prune(model, calib, out, criterion, "--device", "cuda", *extra) == 0
+        got = json.loads((out / "report.json").read_text())
+        assert got["layers"] == ref["layers"] and got["params_after"] == ref["params_after"]
+        for key, t in shards.load_sharded(out).items():
+            torch.testing.assert_close(t, ref_weights[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
 @pytest.mark.parametrize("family", ["llama-gqa"])
 @pytest.mark.parametrize("flags", [("--fms-variant", "removal"), ("--gradients", "backprop")])
 def test_fms_without_a_block_by_block_spsa_is_refused(

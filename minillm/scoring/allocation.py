@@ -34,6 +34,12 @@ def prunable_params(groups: list[Group], keep: Keep | None = None) -> int:
     )
 
 
+def _on_cpu(scores: Scores) -> Scores:
+    """The scores as CPU tensors: criteria leave them on the compute device, the ranking and
+    the kept indices live on the CPU."""
+    return {key: score.detach().cpu() for key, score in scores.items()}
+
+
 def _keep_top(group: Group, score: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Top ``n_keep`` units by score, the same number in every partition: ``[n_keep]``."""
     per = group.n_units // group.partitions
@@ -45,6 +51,7 @@ def _keep_top(group: Group, score: torch.Tensor, n_keep: int) -> torch.Tensor:
 
 def uniform(groups: list[Group], scores: Scores, ratio: float) -> Keep:
     """Remove ``ratio`` of the units of every group (rounded to whole units per partition)."""
+    scores = _on_cpu(scores)
     keep = {}
     for g in groups:
         per = g.n_units // g.partitions
@@ -114,6 +121,7 @@ def global_ranking(
     item scored by its mean, so head counts stay GQA-valid; every partition keeps at least one unit.
     """
     kinds = [None] if together else sorted({g.kind for g in groups})
+    scores = _on_cpu(scores)
     keep = {}
     for kind in kinds:
         sub = [g for g in groups if kind is None or g.kind == kind]
@@ -182,6 +190,7 @@ def round_to_multiples(
     Kinds absent from ``multiples`` and groups absent from ``keep`` are left as they are.
     """
     check_multiples(groups, multiples)
+    scores = _on_cpu(scores)
     out = dict(keep)
     for g in groups:
         if g.kind not in multiples or (g.layer, g.kind) not in keep:
