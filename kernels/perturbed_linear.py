@@ -1,5 +1,5 @@
 """Triton perturbed linear: the +-eps pair of a linear layer in one kernel, W read once, Z in
-registers, optional per-input-feature statistics reduced on the same read of x.
+registers; optional per-input-feature statistics of x from a column reduction.
 
 Layout: ``x`` ``[M, K]`` stacks ``x+`` (rows ``[0, H)``) over ``x-`` (rows ``[H, 2H)``),
 ``H = M/2``.
@@ -18,8 +18,12 @@ below tensor-core throughput, this is why the noise is regenerated per M-tile on
 inside, never per K-split), tiles are tall in M, and one hash yields 32 signs. Gaussian noise costs
 two hashes plus log/sqrt/cos per weight per M-tile and is only for small problems or CPU.
 
-Statistics: programs with ``pid_n == 0`` add ``sum_m x^2`` and ``sum_m x`` of their tiles to
-``[K]`` float32 buffers with atomics (one read of x serves the product and the statistics).
+Statistics (``sum_m x^2`` and ``sum_m x`` per input feature, float32) come from a separate
+column reduction over ``x`` (:func:`column_stats_triton`), not from the product's loop. Reducing
+the product's ``x`` tiles in its loop (the first design, one read of ``x``) ran at 0.12-0.14x
+``F.linear`` on an H200 against 0.37-0.72x without it (BENCHMARKS.md, "GPU"): the reduction
+pulled the operands of the tensor-core product back into registers in every program. The
+separate pass reads ``x`` once more (``2 M K`` bytes against ``2 M N K`` FLOPs) and costs 2-12%.
 """
 
 from __future__ import annotations
@@ -50,12 +54,12 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit(do_not_specialize=["key"])  # a key equal to 1 must not become a constexpr
 def _perturbed_linear_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, sq_ptr, s_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr,
     H, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     key, eps,
     PAIRED: tl.constexpr, KIND: tl.constexpr, GAUSSIAN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, STATS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # grouped order: GROUP_M row blocks sweep the N blocks together, so W tiles are reused from L2
@@ -85,16 +89,8 @@ def _perturbed_linear_kernel(
             mask=mask_n[None, :] & mask_k[:, None],
             other=0.0,
         )  # [BK, BN] tile of W^T
-        if STATS:
-            xf = xp.to(tl.float32)
-            sq = tl.sum(xf * xf, axis=0)
-            s = tl.sum(xf, axis=0)
         if PAIRED:
             xm = tl.load(xp_ptrs + H * stride_xm, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            if STATS:
-                xmf = xm.to(tl.float32)
-                sq += tl.sum(xmf * xmf, axis=0)
-                s += tl.sum(xmf, axis=0)
             if KIND == 0:
                 if GAUSSIAN:
                     z = gaussian_tile(rkeys[None, :], rk[:, None])
@@ -114,10 +110,6 @@ def _perturbed_linear_kernel(
             acc_m = _dot(xm, wm, acc_m, IEEE, UPCAST)
         else:
             acc_p = _dot(xp, w, acc_p, IEEE, UPCAST)
-        if STATS:
-            if pid_n == 0:
-                tl.atomic_add(sq_ptr + rk, sq, mask=mask_k)
-                tl.atomic_add(s_ptr + rk, s, mask=mask_k)
     if PAIRED and KIND == 1:
         zr = unit_values(key, rn, GAUSSIAN)
         acc_p = acc_p * (1.0 + eps * zr)[None, :]
@@ -137,24 +129,70 @@ def _configs() -> list[triton.Config]:
     """Tiles that compile for sm_90 without register spills (ptxas -v; dense kind, bf16).
 
     ``BK = 32`` is the word size of the noise, so one hash per row and K step; ``BK = 64`` and
-    ``128 x 64`` tiles spilled. ``BM`` counts pairs: the effective tile is ``2 BM x BN``.
+    ``128 x 64`` tiles spilled. ``BM`` counts pairs: the effective tile is ``2 BM x BN``. The
+    kinds without per-weight noise (rows, cols, unpaired) may also take ``BK = 64``.
     """
+    tiles = [
+        (128, 128, 32, 8, 3),
+        (128, 128, 32, 8, 4),
+        (64, 256, 32, 8, 3),
+        (64, 128, 32, 8, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (128, 128, 64, 8, 3),
+        (64, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+    ]
     return [
-        triton.Config({"BM": bm, "BN": bn, "BK": 32, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 128, 8, 3),
-            (128, 128, 8, 4),
-            (64, 256, 8, 3),
-            (64, 128, 8, 4),
-            (64, 128, 4, 4),
-            (64, 64, 4, 4),
-        ]
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in tiles
     ]
 
 
+def _tiles_for_kind(configs: list[triton.Config], named_args: dict, **kwargs) -> list:
+    """Dense noise needs ``BK = 32`` (one noise word per row and K step)."""
+    dense = kwargs["PAIRED"] and kwargs["KIND"] == KIND_CODES["dense"]
+    return [c for c in configs if c.kwargs["BK"] == 32 or not dense]
+
+
 _autotuned = triton.autotune(
-    configs=_configs(), key=["H", "N", "K", "KIND", "PAIRED"], reset_to_zero=["sq_ptr", "s_ptr"]
+    configs=_configs(),
+    key=["H", "N", "K", "KIND", "PAIRED"],
+    prune_configs_by={"early_config_prune": _tiles_for_kind},
 )(_perturbed_linear_kernel)
+
+
+@triton.jit
+def _column_stats_kernel(
+    x_ptr, sq_ptr, s_ptr, M, K, stride_xm, stride_xk,
+    ROWS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """``sq[k] += sum x[m, k]^2``, ``s[k] += sum x[m, k]`` over this program's ``ROWS`` rows."""
+    rk = tl.program_id(0) * BK + tl.arange(0, BK)
+    first = tl.program_id(1) * ROWS
+    mask_k = rk < K
+    sq = tl.zeros((BK,), dtype=tl.float32)
+    s = tl.zeros((BK,), dtype=tl.float32)
+    for m0 in range(first, first + ROWS, BM):
+        rm = m0 + tl.arange(0, BM)
+        mask = (rm < M)[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        sq += tl.sum(xf * xf, axis=0)
+        s += tl.sum(xf, axis=0)
+    tl.atomic_add(sq_ptr + rk, sq, mask=mask_k)
+    tl.atomic_add(s_ptr + rk, s, mask=mask_k)
+
+
+def column_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column ``sum x^2`` and ``sum x`` of ``x`` ``[M, K]``: two float32 ``[K]``."""
+    m, k = x.shape
+    sq = torch.zeros(k, dtype=torch.float32, device=x.device)
+    s = torch.zeros_like(sq)
+    rows, bm, bk = (16, 16, 32) if INTERPRETED else (512, 32, 128)
+    grid = (triton.cdiv(k, bk), triton.cdiv(m, rows))
+    _column_stats_kernel[grid](x, sq, s, m, k, x.stride(0), x.stride(1), rows, bm, bk)
+    return sq, s
 
 
 def perturbed_linear_triton(
@@ -179,11 +217,9 @@ def perturbed_linear_triton(
     paired = eps != 0.0
     h = m // 2 if paired else m
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    sq = torch.zeros(k if stats else 1, dtype=torch.float32, device=x.device)
-    s = torch.zeros_like(sq)
     ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     args = (
-        x, weight, bias if bias is not None else y, y, sq, s,
+        x, weight, bias if bias is not None else y, y,
         h, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         as_int32(stream_key(seed, tensor_id)), float(eps),
@@ -193,7 +229,6 @@ def perturbed_linear_triton(
         KIND=KIND_CODES[kind],
         GAUSSIAN=dist == "gaussian",
         HAS_BIAS=bias is not None,
-        STATS=stats,
         IEEE=ieee,
     )
     if INTERPRETED:
@@ -205,4 +240,4 @@ def perturbed_linear_triton(
             return (triton.cdiv(h, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
         _autotuned[grid](*args, **flags, UPCAST=False)
-    return (y, sq, s) if stats else (y, None, None)
+    return (y, *column_stats_triton(x)) if stats else (y, None, None)

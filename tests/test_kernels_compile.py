@@ -31,20 +31,24 @@ SCRIPT = textwrap.dedent(
         src = ASTSource(fn, sig, {(names.index(k),): v for k, v in consts.items()})
         return triton.compile(src, target=target, options=opts)
 
-    cases = [(dt, kind, False, True, True) for dt in ["bf16", "fp32"] for kind in [0, 1, 2]]
-    cases += [("bf16", 0, True, False, True), ("fp16", 2, True, False, True)]
-    cases += [("bf16", 0, False, True, False)]  # unpaired: plain linear with statistics
-    for dt, kind, gauss, stats, paired in cases:
+    cases = [(dt, kind, False, True, 32) for dt in ["bf16", "fp32"] for kind in [0, 1, 2]]
+    cases += [("bf16", 0, True, True, 32), ("fp16", 2, True, True, 32)]
+    cases += [("bf16", 0, False, False, 64), ("bf16", 1, False, True, 64)]  # unpaired; BK 64
+    for dt, kind, gauss, paired, bk in cases:
         sig = {n: f"*{dt}" for n in ["x_ptr", "w_ptr", "b_ptr", "y_ptr"]}
-        sig |= {"sq_ptr": "*fp32", "s_ptr": "*fp32"}
         sig |= {n: "i32" for n in ["H", "N", "K", "stride_xm", "stride_xk", "stride_wn",
                                     "stride_wk", "stride_ym", "stride_yn", "key"]}
         sig["eps"] = "fp32"
-        consts = dict(PAIRED=paired, KIND=kind, GAUSSIAN=gauss, HAS_BIAS=True, STATS=stats,
-                      IEEE=dt == "fp32", UPCAST=False, BM=64, BN=64, BK=32,
-                      GROUP_M=8)
+        consts = dict(PAIRED=paired, KIND=kind, GAUSSIAN=gauss, HAS_BIAS=True,
+                      IEEE=dt == "fp32", UPCAST=False, BM=64, BN=64, BK=bk, GROUP_M=8)
         sig |= {k: "constexpr" for k in consts}
         build(perturbed_linear._perturbed_linear_kernel, sig, consts, num_warps=4)
+    for dt in ["bf16", "fp32"]:
+        sig = {"x_ptr": f"*{dt}", "sq_ptr": "*fp32", "s_ptr": "*fp32", "M": "i32", "K": "i32",
+               "stride_xm": "i32", "stride_xk": "i32"}
+        consts = dict(ROWS=512, BM=32, BK=128)
+        sig |= {k: "constexpr" for k in consts}
+        build(perturbed_linear._column_stats_kernel, sig, consts, num_warps=4)
     for gauss in [False, True]:
         sig = {"w_ptr": "*bf16", "xn_ptr": "*fp32", "keys_ptr": "*i32", "coeffs_ptr": "*fp32",
                "rows_ptr": "*fp32", "cols_ptr": "*fp32", "N": "i32", "K": "i32", "S": "i32",

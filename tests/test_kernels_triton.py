@@ -239,6 +239,16 @@ def test_perturbed_context_through_triton(triton_backend) -> None:
     torch.testing.assert_close(stats[7].sum_sq, x.reshape(-1, 33).pow(2).sum(0))
 
 
+def test_dense_noise_keeps_the_32_wide_k_tiles() -> None:
+    configs = perturbed_linear._configs()
+    bks = {c.kwargs["BK"] for c in configs}
+    assert bks == {32, 64}
+    dense = perturbed_linear._tiles_for_kind(configs, {}, PAIRED=True, KIND=0)
+    assert dense and all(c.kwargs["BK"] == 32 for c in dense)
+    for flags in [dict(PAIRED=True, KIND=1), dict(PAIRED=True, KIND=2), dict(PAIRED=False, KIND=0)]:
+        assert perturbed_linear._tiles_for_kind(configs, {}, **flags) == configs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("m,n,k", [(4096, 4096, 4096), (2048, 11008, 4096), (2050, 4096, 11008)])
