@@ -10,11 +10,11 @@ times with ``triton.testing.do_bench``:
 * the FMS reduction (``fms_scores``) of each weight with ``--seeds`` perturbations, vs the
   chunked PyTorch reference.
 
-Prints JSON (stdout) with TFLOP/s, the ratio to ``F.linear`` and peak memory per case.
-Needs a CUDA device (none was available when this was written; the CPU suite runs the same
-kernels under the Triton interpreter). Command (see BENCHMARKS.md)::
+Prints JSON (stdout) with TFLOP/s, the ratio to ``F.linear`` and peak memory per case, and
+each shape's row on stderr as it is measured. Needs a CUDA device (the CPU suite runs the
+same kernels under the Triton interpreter). Command (figures of an H200 in BENCHMARKS.md)::
 
-    python benchmarks/bench_kernels_gpu.py > kernels_gpu.json
+    python benchmarks/bench_kernels_gpu.py --tokens 16384 > kernels_gpu.json
 """
 
 from __future__ import annotations

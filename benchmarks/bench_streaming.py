@@ -1,17 +1,22 @@
 """Streamed (``--offload``) vs in-memory pruning of a random LLaMA-architecture model of >= 1B
 parameters: peak resident memory and time per block. Prints one JSON on stdout.
 
-The model is built from a config on the meta device and written tensor by tensor as float32
-safetensors shards (:class:`minillm.model.shards.ShardWriter`; never materialized whole), with the
-SmolLM2 tokenizer (``--tokenizer``, e.g. the cache of ``benchmarks/_smollm2.py``). Each prune
-runs as its own ``python -m minillm.prune`` process; its peak is the process's resident
-high-water mark (``ru_maxrss`` from ``wait4``, which includes the interpreter and library
-baseline) and the per-phase peaks of its report (``minillm.memory``).
+The model is built from a config on the meta device and written tensor by tensor as
+safetensors shards at ``--dtype``, float32 by default (:class:`minillm.model.shards.ShardWriter`;
+never materialized whole), with the SmolLM2 tokenizer (``--tokenizer``, e.g. the cache of
+``benchmarks/_smollm2.py``). Each prune runs as its own ``python -m minillm.prune`` process;
+its peak is the process's resident high-water mark (``ru_maxrss`` from ``wait4``, which
+includes the interpreter and library baseline) and the per-phase peaks of its report
+(``minillm.memory``).
 
-Command (see BENCHMARKS.md)::
+``--shape 7b --dtype bfloat16 --device cuda`` is the GPU variant: LLaMA-7B's shape, drawn on the
+GPU, pruned on it; each run's peak GPU memory is its report's per-phase
+``torch.cuda.max_memory_allocated``. Commands (see BENCHMARKS.md)::
 
     nice -n 10 python benchmarks/bench_streaming.py --work-dir /tmp/bench-streaming \\
         --calib ../shared/data/wikitext2/valid.txt --tokenizer /tmp/smollm2-f32
+    python benchmarks/bench_streaming.py --work-dir /tmp/b7 --calib valid.txt --tokenizer TOK \\
+        --shape 7b --dtype bfloat16 --device cuda --criterion wanda-sp --nsamples 32 --seqlen 512
 """
 
 from __future__ import annotations
@@ -29,32 +34,51 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from minillm.model.dtypes import parse_dtype
 from minillm.model.shards import ShardWriter
 
-# TinyLlama-1.1B's shape with SmolLM2's vocabulary: 1.17e9 parameters, 4.7 GB in float32
-SHAPE = dict(
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
+SHAPES = {
+    # TinyLlama-1.1B's shape with SmolLM2's vocabulary: 1.17e9 parameters, 4.7 GB in float32
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
+    # LLaMA-7B's shape with SmolLM2's vocabulary: 6.87e9 parameters, 13.7 GB in bfloat16
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
+}
 
 
-def write_random_model(path: Path, tokenizer: str, shard_bytes: int, seed: int) -> dict:
-    """Random float32 weights of ``SHAPE`` written shard by shard; returns size figures."""
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    config = LlamaConfig(vocab_size=len(tok), **SHAPE)
+def write_random_model(path: Path, args) -> dict:
+    """Random weights of ``SHAPES[args.shape]`` at ``--dtype``, drawn on ``--device`` and written
+    shard by shard; returns size figures."""
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = LlamaConfig(vocab_size=len(tok), **SHAPES[args.shape])
+    dtype = parse_dtype(args.dtype)
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
     path.mkdir(parents=True)
     numel = 0
-    with ShardWriter(path, shard_bytes) as writer:
+    with ShardWriter(path, args.shard_bytes) as writer:
         for name, p in skeleton.named_parameters():
-            t = torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=gen) * 0.02
+            if p.dim() == 1:
+                t = torch.ones(p.shape, dtype=dtype)
+            else:
+                t = torch.randn(p.shape, generator=gen, device=args.device).mul_(0.02)
+                t = t.to(dtype).cpu()
             writer.add(name, t)
             numel += t.numel()
     config.save_pretrained(path)
@@ -72,6 +96,7 @@ def prune(model: Path, out: Path, args, offload: bool, ranks: int = 1) -> dict:
     cmd += ["--criterion", args.criterion, "--calib", args.calib, "--ratio", "0.2", "--quiet"]
     cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     cmd += ["--batch-size", str(args.batch_size), "--overwrite"]
+    cmd += ["--device", args.device, "--dtype", args.dtype]
     cmd += ["--offload"] if offload else []
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
@@ -110,12 +135,15 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the model and outputs")
     p.add_argument("--ranks", type=int, default=1, help="> 1: also stream under torchrun")
     p.add_argument("--skip-in-memory", action="store_true")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--dtype", default="float32", help="of the checkpoint and the prune")
+    p.add_argument("--device", default="cpu", help="compute device of the prune (cuda: GPU)")
     args = p.parse_args()
     model = args.work_dir / "model"
     if not (model / "config.json").is_file():
         shutil.rmtree(model, ignore_errors=True)
         start = time.perf_counter()
-        size = write_random_model(model, args.tokenizer, args.shard_bytes, args.seed)
+        size = write_random_model(model, args)
         size["write_s"] = time.perf_counter() - start
     else:
         size = {"cached": str(model)}
@@ -132,14 +160,26 @@ def main() -> None:
     from minillm.blocks.streaming import weights_bytes
 
     f32 = weights_bytes(model, "float32")
+    at_dtype = weights_bytes(model, args.dtype)
     result = {
-        "model": {**size, "float32_bytes": f32, "config": SHAPE},
+        "model": {**size, "float32_bytes": f32, f"{args.dtype}_bytes": at_dtype},
+        "config": SHAPES[args.shape],
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "dtype": args.dtype,
         "criterion": args.criterion,
         "calibration": f"{args.nsamples} x {args.seqlen} tokens",
         "runs": rows,
         "peak_fraction_of_float32": {
             f"{'streamed' if r['offload'] else 'in-memory'}-{r['ranks']}": r["peak_rss_bytes"] / f32
             for r in rows
+        },
+        "peak_gpu_fraction_of_weights": {
+            f"{'streamed' if r['offload'] else 'in-memory'}-{r['ranks']}": r["phase_peak_bytes"][
+                "total"
+            ]
+            / at_dtype
+            for r in rows
+            if args.device.startswith("cuda")
         },
         "same_params_after": len({r["params_after"] for r in rows}) == 1,
         "torch_threads": torch.get_num_threads(),
