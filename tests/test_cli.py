@@ -81,6 +81,9 @@ def test_default_layers_leave_first_and_last_dense():
     assert parse_layers(None, 32) == list(range(4, 30))
     assert parse_layers(None, 30) == list(range(3, 28))
     assert parse_layers("3-5", 30) == [3, 4, 5]
+    assert parse_layers(None, 3) == [1]
+    with pytest.raises(ValueError, match="--layers: .*2-layer model.*0-1"):
+        parse_layers(None, 2)
     with pytest.raises(ValueError, match="--layers"):
         parse_layers("3-40", 30)
 

@@ -15,7 +15,13 @@ Keep = dict[tuple[int, str], torch.Tensor]
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     """Layer indices of an inclusive range ``a-b`` (or one index); default as LLM-Pruner."""
     if spec is None:
-        return list(range(max(1, n_layers // 8), n_layers - max(1, -(-n_layers // 16))))
+        first, last = max(1, n_layers // 8), n_layers - max(1, -(-n_layers // 16)) - 1
+        if first > last:
+            raise ValueError(
+                f"--layers: the default range skips the first and last layers, which leaves "
+                f"none of this {n_layers}-layer model; pass a range such as 0-{n_layers - 1}"
+            )
+        return list(range(first, last + 1))
     try:
         first, _, last = spec.partition("-")
         lo, hi = int(first), int(last or first)
