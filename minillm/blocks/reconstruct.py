@@ -103,13 +103,21 @@ def normal_equations(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The refit's system ``[k + 1, k + 1]`` and right-hand side ``[k + 1, out]`` (float64):
     the Gram of the kept columns with a constant 1 appended, and its product with the dense
-    weights. The Gram itself is not needed after this."""
+    weights. The Gram itself is not needed after this.
+
+    The right-hand side is built ``GRAM_SLAB`` kept rows at a time, before the system, so the
+    largest matrices alive together are the Gram, the system and the right-hand side."""
     if gram.count == 0:
         raise ValueError("reconstruction: no calibration tokens reached the layer")
-    w = weight.double()
-    a = _augmented(gram, kept)
-    rhs = torch.cat([(gram.xtx @ w.t())[kept], (gram.xsum @ w.t())[None]])
-    return a, rhs
+    k = kept.numel()
+    w_t = weight.t().double()  # [in, out]
+    rhs = torch.empty(k + 1, weight.shape[0], dtype=torch.float64, device=weight.device)
+    for s in range(0, k, GRAM_SLAB):
+        rows = kept[s : s + GRAM_SLAB]
+        rhs[s : s + rows.numel()] = gram.xtx[rows] @ w_t
+    rhs[k] = gram.xsum @ w_t
+    del w_t
+    return _augmented(gram, kept), rhs
 
 
 def solve_refit(
@@ -120,9 +128,9 @@ def solve_refit(
     kept: torch.Tensor,
     ridge: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`refit_weights` from its :func:`normal_equations` (``a`` and ``rhs`` are
-    overwritten)."""
-    w = weight.double()
+    """:func:`refit_weights` from its :func:`normal_equations`. Consumes them: ``rhs`` is
+    overwritten and ``a``'s storage is released once factored (also for the caller's handle),
+    so the system and its Cholesky factor are not both kept through the solve."""
     k = kept.numel()
     lam = ridge * a[:k, :k].diagonal().mean().clamp_min(1e-12)
     for _ in range(5):
@@ -138,8 +146,12 @@ def solve_refit(
             "reconstruction: the Gram matrix stays singular; use more calibration tokens "
             "(--nsamples/--seqlen) or a larger --ridge"
         )
-    rhs[:k] += lam * w[:, kept].t()
+    a.set_()  # the factor replaces the system
+    for s in range(0, k, GRAM_SLAB):
+        cols = kept[s : s + GRAM_SLAB]
+        rhs[s : s + cols.numel()] += lam * weight[:, cols].t().double()
     sol = torch.cholesky_solve(rhs, chol)  # [k + 1, out]
+    del chol
     new_bias = sol[k] + (bias.double() if bias is not None else 0.0)
     return sol[:k].t().contiguous(), new_bias
 
@@ -149,7 +161,9 @@ def _augmented(gram: Gram, cols: torch.Tensor) -> torch.Tensor:
     appended (the last row and column: the sums and the token count)."""
     k = cols.numel()
     a = torch.empty(k + 1, k + 1, dtype=torch.float64, device=gram.xtx.device)
-    a[:k, :k] = gram.xtx[cols[:, None], cols]  # no [k, in] temporary
+    for s in range(0, k, GRAM_SLAB):  # no [k, k] or [k, in] temporary
+        rows = cols[s : s + GRAM_SLAB]
+        a[s : s + rows.numel(), :k] = gram.xtx[rows][:, cols]
     a[:k, k] = a[k, :k] = gram.xsum[cols]
     a[k, k] = float(gram.count)
     return a

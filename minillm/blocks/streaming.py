@@ -103,6 +103,22 @@ def _trim_heap() -> None:
         pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def _unmap_freed_blocks() -> None:
+    """Have glibc map every block of 128 KiB or more on its own and unmap it when freed.
+
+    Its default threshold adapts upwards to 32 MiB, so the refit's tens-of-MiB temporaries
+    (slabs of the Gram, the right-hand side) stay on the heap once freed and the next ones
+    land beside them, so a streamed run would peak at what it once held, not at what it holds.
+    The cost is a page fault per fresh page of such blocks."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
 class StreamedModel:
     """A meta skeleton whose parts are read from the checkpoint at ``path`` on demand.
 
@@ -502,6 +518,7 @@ def run(cfg, pruning_report: Callable[..., dict]) -> dict:
     report.json fields) is the in-memory run's own, passed in by :func:`minillm.prune.run` so
     both paths report alike."""
     _validate(cfg)
+    _unmap_freed_blocks()
     rank, world = distributed.setup(cfg.device)
     if world > 1 and cfg.resume:
         raise ValueError("--resume: checkpoints are per process; resume runs in one process")
