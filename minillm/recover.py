@@ -67,7 +67,7 @@ class RecoverConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: list[str] | None = None
-    lr: float = 5e-4
+    lr: float = 2e-3
     warmup_ratio: float = 0.05
     epochs: int = 2
     max_steps: int | None = None
