@@ -224,7 +224,8 @@ def test_killed_run_resumes_to_the_same_model(
     monkeypatch.setattr(
         streaming.StreamedModel, "load", lambda self, part: loads.append(part) or load(self, part)
     )
-    assert main([*args, "--resume"]) == 0
+    unused = ["--eval-tokens", "1024", "--prompt", ""]  # flags the streamed path ignores
+    assert main([*args, "--resume", *unused]) == 0
     assert loads.count(0) == 1 and loads.count(2) == 2  # blocks 0-1 were scored before the kill
     ref, got = shards.load_sharded(tmp_path / "whole"), shards.load_sharded(out)
     assert got.keys() == ref.keys()

@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-IGNORED = ("out", "overwrite", "quiet", "resume", "offload")  # do not change the result
+# do not change the result; the streamed path evaluates nothing (the eval flags' defaults hold
+# the installed package's path, which a reinstall between the kill and the resume changes)
+IGNORED = ("out", "overwrite", "quiet", "resume", "offload")
+IGNORED += ("eval_text", "eval_tokens", "eval_seqlen", "prompt")
 
 
 class ResumeState:
