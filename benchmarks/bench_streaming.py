@@ -121,6 +121,10 @@ def prune(model: Path, out: Path, args, offload: bool, ranks: int = 1) -> dict:
     return row
 
 
+def _label(row: dict) -> str:
+    return f"{'streamed' if row['offload'] else 'in-memory'}-{row['ranks']}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--work-dir", type=Path, required=True)
@@ -161,25 +165,18 @@ def main() -> None:
 
     f32 = weights_bytes(model, "float32")
     at_dtype = weights_bytes(model, args.dtype)
+    on_gpu = args.device.startswith("cuda")
     result = {
         "model": {**size, "float32_bytes": f32, f"{args.dtype}_bytes": at_dtype},
         "config": SHAPES[args.shape],
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "device": torch.cuda.get_device_name() if on_gpu else args.device,
         "dtype": args.dtype,
         "criterion": args.criterion,
         "calibration": f"{args.nsamples} x {args.seqlen} tokens",
         "runs": rows,
-        "peak_fraction_of_float32": {
-            f"{'streamed' if r['offload'] else 'in-memory'}-{r['ranks']}": r["peak_rss_bytes"] / f32
-            for r in rows
-        },
+        "peak_fraction_of_float32": {_label(r): r["peak_rss_bytes"] / f32 for r in rows},
         "peak_gpu_fraction_of_weights": {
-            f"{'streamed' if r['offload'] else 'in-memory'}-{r['ranks']}": r["phase_peak_bytes"][
-                "total"
-            ]
-            / at_dtype
-            for r in rows
-            if args.device.startswith("cuda")
+            _label(r): r["phase_peak_bytes"]["total"] / at_dtype for r in rows if on_gpu
         },
         "same_params_after": len({r["params_after"] for r in rows}) == 1,
         "torch_threads": torch.get_num_threads(),

@@ -23,7 +23,7 @@ column reduction over ``x`` (:func:`column_stats_triton`), not from the product'
 the product's ``x`` tiles in its loop (the first design, one read of ``x``) ran at 0.12-0.14x
 ``F.linear`` on an H200 against 0.37-0.72x without it (BENCHMARKS.md, "GPU"): the reduction
 pulled the operands of the tensor-core product back into registers in every program. The
-separate pass reads ``x`` once more (``2 M K`` bytes against ``2 M N K`` FLOPs) and costs 2-12%.
+separate pass reads ``x`` once more (``2 M K`` bytes against ``2 M N K`` FLOPs) and costs 3-12%.
 """
 
 from __future__ import annotations
