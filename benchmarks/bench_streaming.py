@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the model and outputs")
     p.add_argument("--ranks", type=int, default=1, help="> 1: also stream under torchrun")
     p.add_argument("--skip-in-memory", action="store_true")
+    p.add_argument("--skip-streamed", action="store_true", help="only the in-memory run")
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--dtype", default="float32", help="of the checkpoint and the prune")
     p.add_argument("--device", default="cpu", help="compute device of the prune (cuda: GPU)")
@@ -152,7 +153,8 @@ def main() -> None:
     else:
         size = {"cached": str(model)}
     print(json.dumps(size), file=sys.stderr, flush=True)
-    runs = [(True, 1)] + ([] if args.skip_in_memory else [(False, 1)])
+    runs = [] if args.skip_streamed else [(True, 1)]
+    runs += [] if args.skip_in_memory else [(False, 1)]
     runs += [(True, args.ranks)] if args.ranks > 1 else []
     rows = []
     for offload, ranks in runs:

@@ -69,6 +69,18 @@ def rademacher_tile(rkeys, k0, BK: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def rademacher_tile_nk(rkeys, k0, BK: tl.constexpr, BN: tl.constexpr):
+    """The transpose of :func:`rademacher_tile` built in place: ``[BN, BK]``, element ``(j, i)``
+    the noise of row ``rkeys[j]``, column ``k0 + i`` (no layout conversion of the tile)."""
+    w = k0 // 32 + tl.arange(0, BK // 32)
+    h = word_hash(rkeys[:, None], w[None, :])  # [BN, BK/32]
+    shifts = tl.arange(0, 32).to(tl.uint32)
+    bits = (h[:, :, None] >> shifts[None, None, :]) & _u32(1)  # [BN, BK/32, 32]
+    bits = tl.reshape(bits, (BN, BK))
+    return bits.to(tl.float32) * 2.0 - 1.0
+
+
+@triton.jit
 def gaussian_tile(rkeys, cols):
     """Box-Muller normals, ``rkeys`` ``[1, BN]`` against ``cols`` ``[BK, 1]`` -> ``[BK, BN]``."""
     c2 = cols * 2

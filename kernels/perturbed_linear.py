@@ -5,9 +5,16 @@ Layout: ``x`` ``[M, K]`` stacks ``x+`` (rows ``[0, H)``) over ``x-`` (rows ``[H,
 ``H = M/2``.
 A program owns output rows ``m`` and ``m + H`` for ``BM`` pair indices and ``BN`` output
 features. For every ``BK`` step it loads the ``W`` tile once, builds ``W + eps Z`` and ``W - eps Z``
-in registers and issues two dots (``x+`` with the first, ``x-`` with the second), so the pair costs
+in registers and issues two dots (the first with ``x+``, the second with ``x-``), so the pair costs
 the tensor-core FLOPs of one plain linear on ``M`` rows. ``kind="rows"`` scales the accumulators in
 the epilogue; ``kind="cols"`` scales the loaded ``x`` tiles (no noise per weight at all).
+
+The product is computed transposed, ``y^T = W' x^T`` (tiles ``[BN, BM]``): the operand built in
+registers, ``W +- eps Z``, is the left one of the dot, which Hopper's wgmma reads from registers,
+while ``x^T`` goes to it straight from shared memory. With ``W'`` on the right (``y = x W'^T``,
+the first layout) every built tile had to be written back to shared memory first: dense noise ran
+at 0.34-0.40x ``F.linear`` against 0.41-0.48x transposed, on an H200; the noise-free kinds are
+the same in both layouts (BENCHMARKS.md, "GPU").
 
 Integer work of dense Rademacher noise (per ``BK x BN`` tile and per M-tile of ``2 BM`` tokens):
 ``BK*BN/32`` fmix32 word hashes (2 mul + 4 xor + 3 shift ~ 10 ops, amortized ~0.3 op/weight)
@@ -33,7 +40,13 @@ import triton
 import triton.language as tl
 
 from .noise import stream_key
-from .noise_triton import as_int32, gaussian_tile, rademacher_tile, row_keys, unit_values
+from .noise_triton import (
+    as_int32,
+    gaussian_tile,
+    rademacher_tile_nk,
+    row_keys,
+    unit_values,
+)
 
 KIND_CODES = {"dense": 0, "rows": 1, "cols": 2}
 
@@ -75,27 +88,27 @@ def _perturbed_linear_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     mask_m = rm < H
     mask_n = rn < N
-    acc_p = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_m = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_p = tl.zeros((BN, BM), dtype=tl.float32)
+    acc_m = tl.zeros((BN, BM), dtype=tl.float32)
     if PAIRED and KIND == 0:
         rkeys = row_keys(key, rn)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         mask_k = rk < K
-        xp_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
-        xp = tl.load(xp_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        xp_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk  # [BK, BM] of x^T
+        xp = tl.load(xp_ptrs, mask=mask_m[None, :] & mask_k[:, None], other=0.0)
         w = tl.load(
-            w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
-            mask=mask_n[None, :] & mask_k[:, None],
+            w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+            mask=mask_n[:, None] & mask_k[None, :],
             other=0.0,
-        )  # [BK, BN] tile of W^T
+        )  # [BN, BK] tile of W
         if PAIRED:
-            xm = tl.load(xp_ptrs + H * stride_xm, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            xm = tl.load(xp_ptrs + H * stride_xm, mask=mask_m[None, :] & mask_k[:, None], other=0.0)
             if KIND == 0:
                 if GAUSSIAN:
-                    z = gaussian_tile(rkeys[None, :], rk[:, None])
+                    z = gaussian_tile(rkeys[:, None], rk[None, :])
                 else:
-                    z = rademacher_tile(rkeys, k0, BK, BN)
+                    z = rademacher_tile_nk(rkeys, k0, BK, BN)
                 wf = w.to(tl.float32)
                 wp = (wf + eps * z).to(w.dtype)
                 wm = (wf - eps * z).to(w.dtype)
@@ -104,22 +117,22 @@ def _perturbed_linear_kernel(
                 wm = w
                 if KIND == 2:
                     zc = unit_values(key, rk, GAUSSIAN)
-                    xp = (xp.to(tl.float32) * (1.0 + eps * zc)[None, :]).to(w.dtype)
-                    xm = (xm.to(tl.float32) * (1.0 - eps * zc)[None, :]).to(w.dtype)
-            acc_p = _dot(xp, wp, acc_p, IEEE, UPCAST)
-            acc_m = _dot(xm, wm, acc_m, IEEE, UPCAST)
+                    xp = (xp.to(tl.float32) * (1.0 + eps * zc)[:, None]).to(w.dtype)
+                    xm = (xm.to(tl.float32) * (1.0 - eps * zc)[:, None]).to(w.dtype)
+            acc_p = _dot(wp, xp, acc_p, IEEE, UPCAST)
+            acc_m = _dot(wm, xm, acc_m, IEEE, UPCAST)
         else:
-            acc_p = _dot(xp, w, acc_p, IEEE, UPCAST)
+            acc_p = _dot(w, xp, acc_p, IEEE, UPCAST)
     if PAIRED and KIND == 1:
         zr = unit_values(key, rn, GAUSSIAN)
-        acc_p = acc_p * (1.0 + eps * zr)[None, :]
-        acc_m = acc_m * (1.0 - eps * zr)[None, :]
+        acc_p = acc_p * (1.0 + eps * zr)[:, None]
+        acc_m = acc_m * (1.0 - eps * zr)[:, None]
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-        acc_p += bias[None, :]
-        acc_m += bias[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    mask = mask_m[:, None] & mask_n[None, :]
+        acc_p += bias[:, None]
+        acc_m += bias[:, None]
+    y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None] * stride_yn
+    mask = mask_n[:, None] & mask_m[None, :]
     tl.store(y_ptrs, acc_p.to(y_ptr.dtype.element_ty), mask=mask)
     if PAIRED:
         tl.store(y_ptrs + H * stride_ym, acc_m.to(y_ptr.dtype.element_ty), mask=mask)
