@@ -128,38 +128,12 @@ def spsa_multipliers(
     """
     if candidates is not None and (resolution != "layer" or dist != "rademacher"):
         raise ValueError("removal perturbations need resolution='layer' and dist='rademacher'")
-    n = tokens.shape[0]
-    coeffs: dict[int, float] = {}
-    passes = 0
-    for k in range(n_perturbations):
-        for bi, i0 in enumerate(range(0, n, batch_size)):
-            batch = tokens[i0 : i0 + batch_size]
-            b = batch.shape[0]
-            seeds = [derive_seed(seed, k, _slot(sharing, bi, i0 + j)) for j in range(b)]
-            uniq = list(dict.fromkeys(seeds))
-            rows = torch.tensor([uniq.index(s) for s in seeds])
-            sign = torch.cat([torch.ones(b), -torch.ones(b)])[:, None]
-            noise = [
-                torch.stack([unit_noise(s, gi, n_coords(g, resolution), dist) for s in uniq])[rows]
-                for gi, g in enumerate(groups)
-            ]
+    options = dict(resolution=resolution, eps=eps, dist=dist, seed=seed, sharing=sharing)
 
-            if candidates is None:
-                factors = [1 + eps * sign * z.repeat(2, 1) for z in noise]
-                expand, step = resolution, 2 * eps
-            else:  # 0 on the removed candidates, 1 elsewhere: [2b, n_units]
-                factors = [
-                    1 - c.float() * (1 + sign * z.repeat(2, 1)) / 2
-                    for c, z in zip(candidates, noise, strict=True)
-                ]
-                expand, step = "unit", 1.0
-            with scaled_consumer_inputs(groups, factors.__getitem__, expand):
-                losses = sequence_losses(model, torch.cat([batch, batch]))
-            passes += 1
-            d = (losses[:b] - losses[b:]).double() / step
-            for s, dj in zip(seeds, d.tolist(), strict=True):
-                coeffs[s] = coeffs.get(s, 0.0) + dj / (n_perturbations * n)
-    return _merge(coeffs), passes
+    def make_pass(k: int, bi: int, i0: int, b: int) -> Pass:
+        return multiplier_pass(groups, k, bi, i0, b, **options, candidates=candidates)
+
+    return _run_passes(model, tokens, n_perturbations, batch_size, make_pass)
 
 
 @torch.no_grad()
@@ -222,22 +196,12 @@ def spsa_weights(
     ``sharing`` is ``"global"`` or ``"batch"`` (a dense perturbation is the same for every
     sequence of a pass). Returns ``(estimate, forward_passes)``.
     """
-    if sharing == "sequence":
-        raise ValueError("per-weight perturbations are shared by a pass: use global or batch")
-    n = tokens.shape[0]
-    coeffs: dict[int, float] = {}
-    passes = 0
-    for k in range(n_perturbations):
-        for bi, i0 in enumerate(range(0, n, batch_size)):
-            batch = tokens[i0 : i0 + batch_size]
-            b = batch.shape[0]
-            s = derive_seed(seed, k, _slot(sharing, bi, 0))
-            with perturbed(linears, s, eps, dist, "dense"):
-                losses = sequence_losses(model, torch.cat([batch, batch]))
-            passes += 1
-            d = (losses[:b] - losses[b:]).double().sum().item() / (2 * eps)
-            coeffs[s] = coeffs.get(s, 0.0) + d / (n_perturbations * n)
-    return _merge(coeffs), passes
+    options = dict(eps=eps, dist=dist, seed=seed, sharing=sharing)
+
+    def make_pass(k: int, bi: int, i0: int, b: int) -> Pass:
+        return weight_pass(linears, k, bi, b, **options)
+
+    return _run_passes(model, tokens, n_perturbations, batch_size, make_pass)
 
 
 @dataclass
@@ -263,6 +227,7 @@ def multiplier_pass(
     dist: str,
     seed: int,
     sharing: str,
+    candidates: Sequence[torch.Tensor] | None = None,
 ) -> Pass:
     """Pass ``(k, bi)`` of :func:`spsa_multipliers` (sequences ``i0 .. i0 + b``); the factors
     of a group are drawn when its consumer runs."""
@@ -271,12 +236,21 @@ def multiplier_pass(
     rows = torch.tensor([uniq.index(s) for s in seeds])
     sign = torch.cat([torch.ones(b), -torch.ones(b)])[:, None]
 
-    def factors(gi: int) -> torch.Tensor:
+    def noise(gi: int) -> torch.Tensor:  # [2b, n_coords]
         n = n_coords(groups[gi], resolution)
-        z = torch.stack([unit_noise(s, gi, n, dist) for s in uniq])[rows]
-        return 1 + eps * sign * z.repeat(2, 1)
+        return torch.stack([unit_noise(s, gi, n, dist) for s in uniq])[rows].repeat(2, 1)
 
-    return Pass(seeds, lambda: scaled_consumer_inputs(groups, factors, resolution), 2 * eps)
+    if candidates is None:
+
+        def factors(gi: int) -> torch.Tensor:
+            return 1 + eps * sign * noise(gi)
+
+        return Pass(seeds, lambda: scaled_consumer_inputs(groups, factors, resolution), 2 * eps)
+
+    def removal(gi: int) -> torch.Tensor:  # 0 on the removed candidates, 1 elsewhere
+        return 1 - candidates[gi].float() * (1 + sign * noise(gi)) / 2
+
+    return Pass(seeds, lambda: scaled_consumer_inputs(groups, removal, "unit"), 1.0)
 
 
 def weight_pass(
@@ -295,6 +269,32 @@ def weight_pass(
         raise ValueError("per-weight perturbations are shared by a pass: use global or batch")
     s = derive_seed(seed, k, _slot(sharing, bi, 0))
     return Pass([s] * b, lambda: perturbed(linears, s, eps, dist, "dense"), 2 * eps)
+
+
+def _run_passes(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    n_perturbations: int,
+    batch_size: int,
+    make_pass: Callable[[int, int, int, int], Pass],
+) -> tuple[Estimate, int]:
+    """Run pass ``make_pass(k, bi, i0, b)`` of every round ``k`` and batch ``bi`` of ``tokens``
+    on the whole model; returns ``(estimate, forward_passes)``."""
+    n = tokens.shape[0]
+    coeffs: dict[int, float] = {}
+    passes = 0
+    for k in range(n_perturbations):
+        for bi, i0 in enumerate(range(0, n, batch_size)):
+            batch = tokens[i0 : i0 + batch_size]
+            b = batch.shape[0]
+            one = make_pass(k, bi, i0, b)
+            with one.perturbation():
+                losses = sequence_losses(model, torch.cat([batch, batch]))
+            passes += 1
+            d = (losses[:b] - losses[b:]).double() / one.step
+            for s, dj in zip(one.seeds, d.tolist(), strict=True):
+                coeffs[s] = coeffs.get(s, 0.0) + dj / (n_perturbations * n)
+    return _merge(coeffs), passes
 
 
 @torch.no_grad()
