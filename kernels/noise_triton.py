@@ -1,10 +1,11 @@
 """Triton device functions for the counter-based noise of :mod:`minillm.kernels.noise`, and a
 launcher that writes a noise block (used by the tests to prove bit-identity).
 
-The fused kernels (``perturbed_linear.py``, ``fms_scores.py``) call :func:`rademacher_tile` and
-:func:`gaussian_tile` to produce a ``[BK, BN]`` tile of ``Z^T`` in registers: ``BN`` weight rows
-(output features) by ``BK`` columns (input features), ``BK`` a multiple of 32 so one word hash
-serves 32 consecutive columns of one row.
+The fused kernels call :func:`rademacher_tile` (``fms_scores.py``: a ``[BK, BN]`` tile of
+``Z^T``), :func:`rademacher_tile_nk` (``perturbed_linear.py``: the ``[BN, BK]`` tile of ``Z``) and
+:func:`gaussian_tile` (either layout, by broadcasting) in registers: ``BN`` weight rows (output
+features) by ``BK`` columns (input features), ``BK`` a multiple of 32 so one word hash serves 32
+consecutive columns of one row.
 
 All integer arithmetic is on ``uint32`` (wrapping multiply, logical shifts); constants are
 materialized as ``uint32`` so no operand is promoted to 64 bits.
