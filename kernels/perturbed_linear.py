@@ -40,13 +40,7 @@ import triton
 import triton.language as tl
 
 from .noise import stream_key
-from .noise_triton import (
-    as_int32,
-    gaussian_tile,
-    rademacher_tile_nk,
-    row_keys,
-    unit_values,
-)
+from .noise_triton import as_int32, gaussian_tile, rademacher_tile_nk, row_keys, unit_values
 
 KIND_CODES = {"dense": 0, "rows": 1, "cols": 2}
 
@@ -139,7 +133,9 @@ def _perturbed_linear_kernel(
 
 
 def _configs() -> list[triton.Config]:
-    """Tiles that compile for sm_90 without register spills (ptxas -v; dense kind, bf16).
+    """Tiles that compiled for sm_90 without register spills (ptxas -v; dense kind, bf16), checked
+    for the first layout (``y = x W'^T``); not re-checked for the transposed one, which has the
+    same accumulator sizes.
 
     ``BK = 32`` is the word size of the noise, so one hash per row and K step; ``BK = 64`` and
     ``128 x 64`` tiles spilled. ``BM`` counts pairs: the effective tile is ``2 BM x BN``. The
