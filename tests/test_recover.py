@@ -12,7 +12,7 @@ from _tiny_lm import byte_tokenizer, pruned_tiny, tiny_model
 from minillm.model.adapters import adapter_for
 from minillm.model.io import load_pruned, save_pruned
 from minillm.model.surgery import layer_records
-from minillm.recover import RecoverConfig, add_lora, main, recovery_loss
+from minillm.recover import RecoverConfig, add_lora, main, merged_float32, recovery_loss
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -170,6 +170,79 @@ def test_kd_loss_is_kl_of_teacher_to_student_on_labelled_tokens():
     assert parts["kl"] == pytest.approx(torch.stack(kls).mean().item(), rel=1e-5)
     _, same = recovery_loss(student, labels, student.clone(), kd_weight=1.0)
     assert same["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("batch", "length", "kd_weight", "temperature", "with_teacher"),
+    [(3, 6, 0.3, 2.0, True), (2, 50, 1.0, 1.0, True), (2, 50, 1.0, 1.0, False)],
+)
+def test_loss_and_gradient_match_torch_reference(
+    batch, length, kd_weight, temperature, with_teacher
+):
+    # (2, 50): 100 rows, more than one chunk of the fused loss
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(batch, length, 11, generator=gen, requires_grad=True)
+    teacher = torch.randn(batch, length, 11, generator=gen)
+    labels = torch.randint(0, 11, (batch, length), generator=gen)
+    labels[0, 4:] = -100
+    labels[-1, 1:3] = -100
+    loss, parts = recovery_loss(
+        student, labels, teacher if with_teacher else None, kd_weight, temperature
+    )
+    valid = labels[:, 1:].reshape(-1) != -100
+    flat_s = student[:, :-1].reshape(-1, 11)[valid]
+    flat_t = teacher[:, :-1].reshape(-1, 11)[valid]
+    ce = F.cross_entropy(flat_s, labels[:, 1:].reshape(-1)[valid])
+    kl = (
+        F.kl_div(
+            F.log_softmax(flat_s / temperature, -1),
+            F.log_softmax(flat_t / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
+    reference = (1 - kd_weight) * ce + kd_weight * kl if with_teacher else ce
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert parts["ce"] == pytest.approx(ce.item(), rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, student)
+    (ref_grad,) = torch.autograd.grad(reference, student)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+def test_bfloat16_training_merges_adapters_into_float32_weights(pruned_dir):
+    cfg = RecoverConfig(model=str(pruned_dir), out="", device="cpu")
+    bf16 = add_lora(load_pruned(pruned_dir, dtype="bfloat16"), cfg)
+    with torch.no_grad():
+        for name, param in bf16.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    assert {p.dtype for n, p in bf16.named_parameters() if "lora_" in n} == {torch.float32}
+    merged = merged_float32(bf16, cfg, "bfloat16")
+    reference = add_lora(load_pruned(pruned_dir), cfg)  # float32 base, the same adapters
+    adapters = {n: t for n, t in bf16.state_dict().items() if "lora_" in n}
+    reference.load_state_dict(adapters, strict=False)
+    reference.eval()
+    ids = torch.randint(1, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = merged(ids).logits
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_both_precisions_lower_the_loss_and_save_float32(
+    pruned_dir, text_file, tmp_path, precision
+):
+    out = tmp_path / precision
+    args = recover_args(pruned_dir, text_file, out, "--max-steps", "30", "--precision", precision)
+    assert main(args) == 0
+    after = load_pruned(out)
+    assert {p.dtype for p in after.parameters()} == {torch.float32}
+    ids = byte_tokenizer()(TEXT, return_tensors="pt").input_ids.reshape(-1)
+    assert mean_loss(after, ids, 32) < mean_loss(load_pruned(pruned_dir), ids, 32) - 0.2
+    assert json.loads((out / "report.json").read_text())["recovery"]["precision"] == precision
 
 
 @pytest.fixture
