@@ -3,13 +3,13 @@
 Rows, in the papers' form (LLM-Pruner, FLAP, MINI-LLM): the dense model, then each
 configuration of ``CONFIGS`` at each ``--ratios`` value, without and with recovery. Each pruned
 model comes from ``python -m minillm.prune`` (calibration ``--calib``, ``--nsamples`` x
-``--seqlen``), each recovered one from ``python -m minillm.recover`` with its default
-(distillation from the dense model on text it writes, ``--recover-steps`` steps). Columns:
-parameters, perplexity on the first ``--eval-tokens`` of WikiText-2 test and of another domain
-(Python stdlib docstrings, ``bench_quality.other_domain_text()``), and zero-shot BoolQ, PIQA,
-HellaSwag (approximate data: marked ~), WinoGrande, ARC-e, ARC-c, OBQA through lm-eval with the
-shared-prefix model class (acc_norm where the papers report it, acc for BoolQ and WinoGrande),
-their average, examples per task and standard errors.
+``--seqlen``), each recovered one from ``python -m minillm.recover`` with its defaults
+(distillation from the dense model on text it writes; ``--recover-steps`` overrides the
+steps). Columns: parameters, perplexity on the first ``--eval-tokens`` of WikiText-2 test and
+of another domain (Python stdlib docstrings, ``bench_quality.other_domain_text()``), and
+zero-shot BoolQ, PIQA, HellaSwag (approximate data: marked ~), WinoGrande, ARC-e, ARC-c, OBQA
+through lm-eval with the shared-prefix model class (acc_norm where the papers report it, acc
+for BoolQ and WinoGrande), their average, examples per task and standard errors.
 
 Every finished row is appended to ``WORK/rows.jsonl`` and skipped when the script runs again (a
 killed run resumes). Writes the JSON (stdout), a Markdown table (``--markdown``) and a plot of
@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--recover-steps", type=int, default=120)
+    p.add_argument(
+        "--recover-steps", type=int, help="recovery steps (default: minillm.recover's default)"
+    )
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--limit", type=int, help="examples per task (default: all)")
@@ -132,7 +134,8 @@ def make_model(name: str, ratio: float, recovered: bool, dense: Path, args) -> P
         return pruned
     out = pruned.with_name(pruned.name + "-rec")
     if not (out / "report.json").is_file():
-        argv = [str(pruned), "--max-steps", str(args.recover_steps), "--out", str(out)]
+        steps = [] if args.recover_steps is None else ["--max-steps", str(args.recover_steps)]
+        argv = [str(pruned), *steps, "--out", str(out)]
         quietly(recover.main, [*argv, "--overwrite", "--quiet", "--seed", str(args.seed)])
     return out
 

@@ -12,7 +12,15 @@ from _tiny_lm import byte_tokenizer, pruned_tiny, tiny_model
 from minillm.model.adapters import adapter_for
 from minillm.model.io import load_pruned, save_pruned
 from minillm.model.surgery import layer_records
-from minillm.recover import RecoverConfig, add_lora, main, merged_float32, recovery_loss
+from minillm.recover import (
+    SELF_DATA_STEPS,
+    RecoverConfig,
+    add_lora,
+    main,
+    merged_float32,
+    recovery_loss,
+    total_steps,
+)
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -245,6 +253,16 @@ def test_both_precisions_lower_the_loss_and_save_float32(
     assert json.loads((out / "report.json").read_text())["recovery"]["precision"] == precision
 
 
+def test_step_budget_is_fixed_for_self_data_and_counted_in_epochs_for_files():
+    # 512 self-written examples, batch 8: 64 steps per epoch
+    epochs = -(-SELF_DATA_STEPS // 64)
+    assert total_steps(512, RecoverConfig(model="", out="")) == (SELF_DATA_STEPS, epochs)
+    from_file = RecoverConfig(model="", out="", data="train.txt", epochs=3)
+    assert total_steps(100, from_file) == (13 * 3, 3)  # ceil(100 / 8) = 13 steps per epoch
+    from_file.max_steps = 7
+    assert total_steps(100, from_file) == (7, 1)
+
+
 @pytest.fixture
 def dense_and_pruned(tmp_path):
     """A tiny dense model dir and a model pruned from it whose report.json records it."""
@@ -265,7 +283,7 @@ def test_default_distills_from_the_dense_model_recorded_in_the_report(dense_and_
     work = tmp_path / "work"
     argv = [str(pruned), "--out", str(out), "--self-samples", "4", "--seqlen", "16"]
     argv += ["--batch-size", "2", "--max-steps", "2", "--work-dir", str(work), "--quiet"]
-    assert main(argv) == 0
+    assert main([*argv, "--precision", "float32"]) == 0  # the reference below samples in float32
     rec = json.loads((out / "report.json").read_text())["recovery"]
     assert rec["teacher"] == str(dense)
     assert rec["tokens_trained"] == 2 * 2 * 16
