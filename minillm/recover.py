@@ -7,13 +7,15 @@ decoder are trained to match its next-token distributions on them (KL on the ful
 teacher logits computed on the fly). Instruction data, plain text or a ``datasets`` name can be
 given with ``--data`` instead (then the loss mixes CE and KL, ``--kd-weight``). The adapters are
 merged and the model saved in the same format as the pruned one (per-layer sizes and report
-kept; the loss curve and the budget are added to ``report.json``).
+kept; the loss curve and the budget are added to ``report.json``). Training runs in bfloat16
+where the device computes it natively (``--precision``); the adapters stay float32 and the saved
+model is float32.
 
 A killed run resumes from ``--work-dir`` (default ``OUT.work``) with ``--resume``.
 
 Example::
 
-    python -m minillm.recover out/pruned --max-steps 200 --out out/recovered
+    python -m minillm.recover out/pruned --out out/recovered
     python -m minillm.recover out/pruned --data ../shared/data/wikitext2/valid.txt \\
         --teacher none --max-steps 200 --out out/recovered-lora
 """
@@ -33,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from minillm.data import self_generated
+from minillm.recovery_loss import recovery_loss
 
 # minillm.model (so transformers, seconds to import) and peft are imported where they are used:
 # --help and flag errors come back without them
@@ -232,81 +234,6 @@ def add_lora(model: nn.Module, cfg: RecoverConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
-
-
-class _FusedRecoveryLoss(torch.autograd.Function):
-    """CE/KL of ``[N, V]`` logits and their gradient, computed ``LOSS_CHUNK`` rows at a time.
-
-    The full-vocabulary float32 intermediates (log-softmaxes, probabilities) exist for one
-    chunk only; the backward pass multiplies the gradient kept from the forward pass.
-    Outputs ``(loss, ce, kl)``; only ``loss`` is differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, teacher, target, weight, kd_weight, temperature):
-        ce_weight = 1.0 if teacher is None else 1.0 - kd_weight
-        grad = torch.empty_like(logits)
-        ce = logits.new_zeros((), dtype=torch.float32)
-        kl = logits.new_zeros((), dtype=torch.float32)
-        for start in range(0, logits.shape[0], LOSS_CHUNK):
-            rows = slice(start, start + LOSS_CHUNK)
-            w = weight[rows].unsqueeze(-1)
-            idx = target[rows].unsqueeze(-1)
-            student = F.log_softmax(logits[rows].float(), dim=-1)
-            ce -= (student.gather(-1, idx) * w).sum()
-            chunk_grad = student.exp().scatter_add_(-1, idx, -torch.ones_like(w))
-            chunk_grad *= ce_weight * w
-            if teacher is not None:
-                if temperature != 1.0:
-                    student = F.log_softmax(logits[rows].float() / temperature, dim=-1)
-                t_logp = F.log_softmax(teacher[rows].float() / temperature, dim=-1)
-                t_prob = t_logp.exp()
-                kl += ((t_prob * (t_logp - student)).sum(-1, keepdim=True) * w).sum()
-                chunk_grad += (kd_weight * temperature * w) * (student.exp() - t_prob)
-            grad[rows] = chunk_grad
-        kl = kl * temperature**2
-        loss = ce.clone() if teacher is None else ce_weight * ce + kd_weight * kl
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
-
-
-LOSS_CHUNK = 64  # rows of the fused loss: 64 x V float32 (12 MiB at V = 49,152) per buffer
-
-
-def recovery_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    kd_weight: float,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token CE (mean over labelled tokens), mixed with KL(teacher || student) when given.
-
-    ``logits``/``teacher_logits``: ``[B, T, V]``; ``labels``: ``[B, T]`` with -100 = ignore.
-    Returns ``((1 - w) * ce + w * kl, parts)``; KL is per token, scaled by ``temperature**2``.
-    Fused and chunked (``_FusedRecoveryLoss``): no full ``[B, T, V]`` float32 copy is made.
-    """
-    batch, length, vocab = logits.shape
-    target = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # position t predicts t + 1
-    weight = (target != -100).float()
-    weight /= weight.sum().clamp_min(1.0)
-    teacher = None if teacher_logits is None else teacher_logits.reshape(batch * length, vocab)
-    loss, ce, kl = _FusedRecoveryLoss.apply(
-        logits.reshape(batch * length, vocab),
-        teacher,
-        target.clamp_min(0),
-        weight,
-        kd_weight,
-        temperature,
-    )
-    parts = {"ce": ce.item()} if teacher is None else {"ce": ce.item(), "kl": kl.item()}
-    return loss, parts
 
 
 def lr_at(step: int, total: int, base: float, warmup_ratio: float) -> float:

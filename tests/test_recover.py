@@ -18,9 +18,9 @@ from minillm.recover import (
     add_lora,
     main,
     merged_float32,
-    recovery_loss,
     total_steps,
 )
+from minillm.recovery_loss import recovery_loss
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 

@@ -1,0 +1,84 @@
+"""Seconds per recovery step of ``minillm.recover``'s training loop, per precision and dropout.
+
+Each ``PRECISION:DROPOUT`` configuration (default: the old default ``float32:0.05``, then
+``float32:0`` and the current ``bfloat16:0``) loads the pruned model and the teacher in that
+precision, adds LoRA and runs ``minillm.recover.train`` (distillation, batch ``--batch-size`` x
+``--seqlen`` random tokens: a step's cost does not depend on the text). One warm-up step, then
+``--steps`` timed steps; configurations take turns for ``--rounds`` rounds, so that the machine's
+drift hits all of them alike. One JSON object on stdout: the median seconds per step of each
+configuration and its speed-up over the first.
+
+Command (see BENCHMARKS.md, "Recovery")::
+
+    python benchmarks/bench_recovery_step.py /tmp/i10/default20 --teacher /tmp/smollm2-f32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from minillm.model.loading import load_model
+from minillm.recover import RecoverConfig, add_lora, train
+
+
+def seconds_per_step(model_dir: str, teacher, precision: str, dropout: float, args) -> float:
+    """Wall seconds per step of ``args.steps`` training steps after one warm-up step."""
+    cfg = RecoverConfig(model=model_dir, out="", dropout=dropout, quiet=True, precision=precision)
+    cfg.batch_size, cfg.seqlen = args.batch_size, args.seqlen
+    student, tokenizer = load_model(model_dir, None, precision, "cpu")
+    peft_model = add_lora(student, cfg)
+    vocab = student.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    examples = torch.randint(0, vocab, (args.batch_size, args.seqlen), generator=gen).tolist()
+    with tempfile.TemporaryDirectory() as work:
+        cfg.max_steps = 1
+        train(peft_model, teacher, examples, 0, cfg, Path(work))
+        cfg.max_steps = args.steps
+        start = time.perf_counter()
+        train(peft_model, teacher, examples, 0, cfg, Path(work))
+    return (time.perf_counter() - start) / args.steps
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", help="pruned model directory")
+    p.add_argument("--teacher", required=True, help="dense teacher directory")
+    p.add_argument("--configs", default="float32:0.05,float32:0,bfloat16:0")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    configs = [(c.split(":")[0], float(c.split(":")[1])) for c in args.configs.split(",")]
+    teachers = {dtype: load_model(args.teacher, None, dtype, "cpu")[0] for dtype, _ in configs}
+    times: dict[str, list[float]] = {c: [] for c in args.configs.split(",")}
+    for round_ in range(args.rounds):
+        for (dtype, dropout), name in zip(configs, times, strict=True):
+            times[name].append(seconds_per_step(args.model, teachers[dtype], dtype, dropout, args))
+            print(f"round {round_}: {name} {times[name][-1]:.2f} s/step", file=sys.stderr)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    first = next(iter(medians.values()))
+    result = {
+        "setup": vars(args) | {"torch": torch.__version__},
+        "configs": {
+            name: {"s_per_step": medians[name], "speedup": first / medians[name], "runs": t}
+            for name, t in times.items()
+        },
+    }
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
