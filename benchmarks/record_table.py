@@ -158,9 +158,17 @@ def evaluate(model_dir: Path, texts: dict, args) -> dict:
     if report.is_file():
         rec = json.loads(report.read_text()).get("recovery")
         if rec:
-            keys = ("steps", "tokens_trained", "time_s", "cpu_time_s")
+            keys = ("steps", "precision", "tokens_trained", "time_s", "cpu_time_s")
             row["recovery"] = {k: rec.get(k) for k in keys}
     return row
+
+
+def recovery_cell(row: dict) -> str:
+    """ "no", or the recovery's steps and precision (float32 for runs that predate the field)."""
+    if not row["recovered"]:
+        return "no"
+    rec = row.get("recovery") or {}
+    return f"{rec.get('steps')} steps, {rec.get('precision') or 'float32'}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -169,7 +177,7 @@ def markdown(rows: list[dict]) -> str:
     head += [col for col, _ in TASK_COLUMNS.values()] + ["average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["config"], f"{r['ratio']:.0%}", "yes" if r["recovered"] else "no"]
+        cells = [r["config"], f"{r['ratio']:.0%}", recovery_cell(r)]
         cells += [
             f"{r['params'] / 1e6:.1f} M",
             f"{r['ppl_wikitext2']:.2f}",
