@@ -472,7 +472,7 @@ def compute_dtype(precision: str, device: str) -> str:
     """``--precision`` resolved to ``float32`` or ``bfloat16``.
 
     ``auto`` is bfloat16 where the device multiplies it natively (a CUDA GPU with bfloat16
-    support; a CPU with AMX or AVX512-BF16, where it is ~6x faster than float32), else float32.
+    support; a CPU with AMX or AVX512-BF16, where it is ~7x faster than float32), else float32.
     """
     if precision != "auto":
         return precision
