@@ -33,7 +33,7 @@ def seconds_per_step(model_dir: str, teacher, precision: str, dropout: float, ar
     """Wall seconds per step of ``args.steps`` training steps after one warm-up step."""
     cfg = RecoverConfig(model=model_dir, out="", dropout=dropout, quiet=True, precision=precision)
     cfg.batch_size, cfg.seqlen = args.batch_size, args.seqlen
-    student, tokenizer = load_model(model_dir, None, precision, "cpu")
+    student, _ = load_model(model_dir, None, precision, "cpu")
     peft_model = add_lora(student, cfg)
     vocab = student.config.vocab_size
     gen = torch.Generator().manual_seed(0)
