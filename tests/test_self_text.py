@@ -1,0 +1,50 @@
+"""Self-written text (``minillm.data.self_generated``): top-k sampling on the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny_lm import byte_tokenizer, tiny_model
+
+import minillm.data as data
+from minillm.data import SELF_TOP_K, self_generated
+
+
+def _reference(model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The same sampling without a KV cache: every step recomputes the whole prefix."""
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, len(tokenizer), (nsamples, 1), generator=gen)
+    prompt = torch.cat([torch.full_like(first, tokenizer.bos_token_id), first], 1)
+    rows = []
+    for ids in prompt.split(3):
+        while ids.shape[1] < seqlen:
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[:, -1]
+            logits[:, tokenizer.eos_token_id] = -torch.inf
+            top = logits.topk(SELF_TOP_K, dim=-1)
+            pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
+            ids = torch.cat([ids, top.indices.gather(-1, pick)], 1)
+        rows.append(ids)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "bloom"])
+def test_kv_cache_sampling_equals_sampling_on_the_whole_prefix(family, monkeypatch):
+    monkeypatch.setattr(data, "SELF_BATCH", 3)  # 7 sequences: batches of 3, 3 and 1
+    model, tokenizer = tiny_model(family), byte_tokenizer()
+    text = self_generated(model, tokenizer, 7, 20, seed=5)
+    assert torch.equal(text, _reference(model, tokenizer, 7, 20, seed=5))
+
+
+def test_every_written_token_is_among_the_top_k_and_never_eos():
+    model, tokenizer = tiny_model("llama"), byte_tokenizer()
+    text = self_generated(model, tokenizer, 16, 40, seed=1)
+    assert text.shape == (16, 40) and (text[:, 0] == tokenizer.bos_token_id).all()
+    with torch.no_grad():
+        logits = model(input_ids=text).logits[:, 1:-1]  # position t predicts t + 1
+    logits[..., tokenizer.eos_token_id] = -torch.inf
+    written = text[:, 2:]
+    allowed = logits.topk(SELF_TOP_K, dim=-1).indices
+    assert (allowed == written.unsqueeze(-1)).any(-1).all()
+    assert (written != tokenizer.eos_token_id).all()
+    assert not torch.equal(text, self_generated(model, tokenizer, 16, 40, seed=2))
