@@ -1,12 +1,14 @@
 """Seconds per recovery step of ``minillm.recover``'s training loop, per precision and dropout.
 
-Each ``PRECISION:DROPOUT`` configuration (default: the old default ``float32:0.05``, then
-``float32:0`` and the current ``bfloat16:0``) loads the pruned model and the teacher in that
-precision, adds LoRA and runs ``minillm.recover.train`` (distillation, batch ``--batch-size`` x
-``--seqlen`` random tokens: a step's cost does not depend on the text). One warm-up step, then
-``--steps`` timed steps; configurations take turns for ``--rounds`` rounds, so that the machine's
-drift hits all of them alike. One JSON object on stdout: the median seconds per step of each
-configuration and its speed-up over the first.
+Each ``PRECISION:DROPOUT`` configuration (default: ``float32:0.05``, the default before bfloat16,
+then ``float32:0`` and the current ``bfloat16:0``) loads the pruned model and the teacher in that
+precision and adds LoRA. It times the teacher's pass over one batch (``teacher_targets``: paid
+once per batch of data before training; before the top-k targets, paid in every step) and
+``minillm.recover.train`` (distillation from those targets, batch ``--batch-size`` x ``--seqlen``
+random tokens: a step's cost does not depend on the text). One warm-up step, then ``--steps``
+timed steps; configurations take turns for ``--rounds`` rounds, so that the machine's drift hits
+all of them alike. One JSON object on stdout: per configuration the median seconds per step, per
+teacher batch, and the speed-up of the step over the first configuration.
 
 Command (see BENCHMARKS.md, "Recovery")::
 
@@ -26,11 +28,13 @@ from pathlib import Path
 import torch
 
 from minillm.model.loading import load_model
-from minillm.recover import RecoverConfig, add_lora, train
+from minillm.recover import RecoverConfig, add_lora, teacher_targets, train
 
 
-def seconds_per_step(model_dir: str, teacher, precision: str, dropout: float, args) -> float:
-    """Wall seconds per step of ``args.steps`` training steps after one warm-up step."""
+def seconds_per_step(
+    model_dir: str, teacher, precision: str, dropout: float, args
+) -> tuple[float, float]:
+    """(wall seconds of the teacher's pass over one batch, per step of ``args.steps`` steps)."""
     cfg = RecoverConfig(model=model_dir, out="", dropout=dropout, quiet=True, precision=precision)
     cfg.batch_size, cfg.seqlen = args.batch_size, args.seqlen
     student, _ = load_model(model_dir, None, precision, "cpu")
@@ -38,13 +42,17 @@ def seconds_per_step(model_dir: str, teacher, precision: str, dropout: float, ar
     vocab = student.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     examples = torch.randint(0, vocab, (args.batch_size, args.seqlen), generator=gen).tolist()
+    teacher_targets(teacher, examples, 0, cfg)  # warm-up
+    start = time.perf_counter()
+    targets = teacher_targets(teacher, examples, 0, cfg)
+    teacher_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as work:
         cfg.max_steps = 1
-        train(peft_model, teacher, examples, 0, cfg, Path(work))
+        train(peft_model, targets, examples, 0, cfg, Path(work))
         cfg.max_steps = args.steps
         start = time.perf_counter()
-        train(peft_model, teacher, examples, 0, cfg, Path(work))
-    return (time.perf_counter() - start) / args.steps
+        train(peft_model, targets, examples, 0, cfg, Path(work))
+    return teacher_s, (time.perf_counter() - start) / args.steps
 
 
 def main() -> int:
@@ -62,16 +70,27 @@ def main() -> int:
     configs = [(c.split(":")[0], float(c.split(":")[1])) for c in args.configs.split(",")]
     teachers = {dtype: load_model(args.teacher, None, dtype, "cpu")[0] for dtype, _ in configs}
     times: dict[str, list[float]] = {c: [] for c in args.configs.split(",")}
+    teacher_times: dict[str, list[float]] = {c: [] for c in times}
     for round_ in range(args.rounds):
         for (dtype, dropout), name in zip(configs, times, strict=True):
-            times[name].append(seconds_per_step(args.model, teachers[dtype], dtype, dropout, args))
-            print(f"round {round_}: {name} {times[name][-1]:.2f} s/step", file=sys.stderr)
+            teacher_s, step_s = seconds_per_step(args.model, teachers[dtype], dtype, dropout, args)
+            times[name].append(step_s)
+            teacher_times[name].append(teacher_s)
+            print(
+                f"round {round_}: {name} {step_s:.2f} s/step, teacher {teacher_s:.2f} s/batch",
+                file=sys.stderr,
+            )
     medians = {name: statistics.median(t) for name, t in times.items()}
     first = next(iter(medians.values()))
     result = {
         "setup": vars(args) | {"torch": torch.__version__},
         "configs": {
-            name: {"s_per_step": medians[name], "speedup": first / medians[name], "runs": t}
+            name: {
+                "s_per_step": medians[name],
+                "speedup": first / medians[name],
+                "teacher_s_per_batch": statistics.median(teacher_times[name]),
+                "runs": t,
+            }
             for name, t in times.items()
         },
     }

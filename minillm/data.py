@@ -8,7 +8,10 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
+
+from minillm.recovery_loss import teacher_topk
 
 HUB_CALIBRATION = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
@@ -68,34 +71,71 @@ SELF_TOP_K = 50  # self-written text samples among the model's 50 most likely to
 SELF_BATCH = 256  # sequences written at once: the fastest per sequence on a 2-core CPU
 
 
+Targets = tuple[torch.Tensor, torch.Tensor]  # a model's top-k log-probs and token ids
+
+
 @torch.no_grad()
 def self_generated(
-    model, tokenizer, nsamples: int, seqlen: int, seed: int, quiet: bool = True
-) -> torch.Tensor:
+    model,
+    tokenizer,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    quiet: bool = True,
+    keep_topk: int | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, Targets | None]:
     """``[nsamples, seqlen]`` tokens sampled from the model itself, each sequence started
     from BOS and a random vocabulary token (temperature 1, top-k 50, never EOS).
 
     A plain KV-cache loop over ``SELF_BATCH`` sequences at a time that samples among the top-k
     only: ``generate``'s sampling draws an exponential variate for every vocabulary entry of
     every row and step, ~40% of its time. A progress bar counts sequences unless ``quiet``.
+    With ``keep_topk=k``, the second output is the model's ``teacher_topk`` at ``temperature``
+    at every position, ``([nsamples, seqlen, k] float32, [nsamples, seqlen, k] int32)``, taken
+    from the logits the sampling computes anyway (the last position's is -inf / 0: it predicts
+    nothing); else None.
     """
     gen = torch.Generator().manual_seed(seed)
     vocab = min(len(tokenizer), model.config.vocab_size)
     first = torch.randint(0, vocab, (nsamples, 1), generator=gen)
     bos = tokenizer.bos_token_id
     prompt = first if bos is None else torch.cat([torch.full_like(first, bos), first], 1)
-    rows = []
+    rows, kept = [], []
     with tqdm(total=nsamples, desc="writing", unit="seq", disable=quiet) as bar:
         for part in prompt.split(SELF_BATCH):
-            rows.append(_sample(model, part, seqlen, tokenizer.eos_token_id, gen))
+            ids, topk = _sample(
+                model, part, seqlen, tokenizer.eos_token_id, gen, keep_topk, temperature
+            )
+            rows.append(ids)
+            kept.append(topk)
             bar.update(len(part))
-    return torch.cat(rows)[:, :seqlen]
+    ids = torch.cat(rows)[:, :seqlen]
+    if keep_topk is None:
+        return ids, None
+    return ids, tuple(torch.cat(t)[:, :seqlen] for t in zip(*kept, strict=True))
 
 
-def _sample(model, ids: torch.Tensor, seqlen: int, eos: int | None, gen: torch.Generator):
-    """``ids [B, P]`` continued to ``[B, max(P, seqlen)]`` by top-k sampling (see above)."""
+def _sample(
+    model,
+    ids: torch.Tensor,
+    seqlen: int,
+    eos: int | None,
+    gen: torch.Generator,
+    keep_topk: int | None,
+    temperature: float,
+) -> tuple[torch.Tensor, Targets | None]:
+    """``ids [B, P]`` continued to ``[B, max(P, seqlen)]`` by top-k sampling, and the kept
+    top-k of every position (see ``self_generated``)."""
+
+    def keep(logits: torch.Tensor) -> None:
+        if keep_topk:
+            kept.append([t.cpu() for t in teacher_topk(logits, keep_topk, temperature)])
+
+    kept: list[list[torch.Tensor]] = []
     device = next(model.parameters()).device
-    out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=0 if keep_topk else 1)
+    keep(out.logits)
     while ids.shape[1] < seqlen:
         logits = out.logits[:, -1].float()
         if eos is not None:
@@ -104,9 +144,14 @@ def _sample(model, ids: torch.Tensor, seqlen: int, eos: int | None, gen: torch.G
         pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=gen)
         token = top.indices.cpu().gather(-1, pick)
         ids = torch.cat([ids, token], 1)
-        if ids.shape[1] < seqlen:
-            out = model(input_ids=token.to(device), cache=out.past_key_values, logits_to_keep=1)
-    return ids
+        if ids.shape[1] < seqlen:  # the last token predicts nothing: no forward for it
+            out = model(input_ids=token.to(device), cache=out.cache, logits_to_keep=1)
+            keep(out.logits)
+    if not keep_topk:
+        return ids, None
+    logp, top_ids = (torch.cat(t, dim=1) for t in zip(*kept, strict=True))
+    missing = (0, 0, 0, ids.shape[1] - logp.shape[1])
+    return ids, (F.pad(logp, missing, value=-torch.inf), F.pad(top_ids, missing))
 
 
 def calibration_batches(
@@ -114,7 +159,7 @@ def calibration_batches(
 ) -> torch.Tensor:
     """Calibration token ids ``LongTensor[nsamples, seqlen]`` from ``source`` (see module)."""
     if source == "self":
-        return self_generated(model, tokenizer, nsamples, seqlen, seed)
+        return self_generated(model, tokenizer, nsamples, seqlen, seed)[0]
     if source in HUB_CALIBRATION:
         text = _hub_text(source)
     elif Path(source).is_file():

@@ -3,13 +3,16 @@
 The default needs no data: the dense model the pruned one came from (recorded in its
 ``report.json``; ``--teacher`` overrides, ``--teacher none`` turns distillation off) writes
 ``--self-samples`` sequences, and LoRA adapters (peft) on every linear projection of the
-decoder are trained to match its next-token distributions on them (KL on the full vocabulary,
-teacher logits computed on the fly). Instruction data, plain text or a ``datasets`` name can be
-given with ``--data`` instead (then the loss mixes CE and KL, ``--kd-weight``). The adapters are
-merged and the model saved in the same format as the pruned one (per-layer sizes and report
-kept; the loss curve and the budget are added to ``report.json``). Training runs in bfloat16
-where the device computes it natively (``--precision``); the adapters stay float32 and the saved
-model is float32.
+decoder are trained to match its next-token distributions on them. The teacher's
+``--kd-topk`` most likely tokens per position are kept while it writes (on other data, from one
+pass over it before training), and the KL matches them plus the mass of all other tokens as one
+bucket (``recovery_loss``). Training steps then run the student only, without the teacher in
+memory. Instruction data,
+plain text or a ``datasets`` name can be given with ``--data`` instead (then the loss mixes CE
+and KL, ``--kd-weight``). The adapters are merged and the model saved in the same format as
+the pruned one (per-layer sizes and report kept; the loss curve and the budget are added to
+``report.json``). Training runs in bfloat16 where the device computes it natively
+(``--precision``); the adapters stay float32 and the saved model is float32.
 
 A killed run resumes from ``--work-dir`` (default ``OUT.work``) with ``--resume``.
 
@@ -38,8 +41,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from minillm.data import self_generated
-from minillm.recovery_loss import recovery_loss
+from minillm.data import Targets, self_generated
+from minillm.recovery_loss import recovery_loss, teacher_topk
 
 # minillm.model (so transformers, seconds to import) and peft are imported where they are used:
 # --help and flag errors come back without them
@@ -51,7 +54,8 @@ ALPACA_PROMPT = (
 )
 CHECKPOINT = "checkpoint.pt"
 SELF_DATA = "self_data.jsonl"
-SELF_DATA_STEPS = 300  # default budget on self-written text: ~26 min on 2 CPU cores with AMX
+SELF_TARGETS = "self_targets.pt"  # the teacher's top-k on SELF_DATA
+SELF_DATA_STEPS = 400  # default budget on self-written text: ~25 min on 2 CPU cores with AMX
 TEACHER_HINT = "pass --teacher DIR (or 'embedded'), or --teacher none to train without one"
 
 
@@ -66,6 +70,7 @@ class RecoverConfig:
     teacher: str | None = None  # None: the dense model of report.json; "none": no KD
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
+    kd_topk: int = 128
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
@@ -78,7 +83,7 @@ class RecoverConfig:
     grad_accum: int = 1
     seqlen: int = 128
     max_samples: int | None = None
-    self_samples: int = 512
+    self_samples: int = 1536
     save_every: int = 50
     work_dir: str | None = None
     resume: bool = False
@@ -290,9 +295,57 @@ def total_steps(n_examples: int, cfg: RecoverConfig) -> tuple[int, int]:
     return steps, math.ceil(steps / per_epoch)
 
 
+def _autocast(model: nn.Module):
+    """Autocast to the dtype of ``model``'s frozen weights (a no-op in float32).
+
+    Frozen weights in bfloat16 need it: the float32 adapters' outputs join their stream.
+    """
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    param = frozen[0] if frozen else next(model.parameters())
+    return torch.autocast(
+        param.device.type, dtype=param.dtype, enabled=param.dtype != torch.float32
+    )
+
+
+def teacher_targets(
+    teacher: nn.Module, examples: list[list[int]], pad_id: int, cfg: RecoverConfig
+) -> list[Targets]:
+    """The teacher's ``teacher_topk`` of every example, from one forward pass over the data.
+
+    Per example ``(log-probabilities float32 [L, k], token ids int32 [L, k])`` at
+    ``--kd-temperature``, on the CPU: 8 bytes per token and kept token (200 MB for 1,536 x 128
+    tokens at k = 128). Training then needs no teacher forward pass, nor the teacher in memory.
+    """
+    device = next(teacher.parameters()).device
+    targets = []
+    starts = range(0, len(examples), cfg.batch_size)
+    for start in tqdm(starts, desc="teacher", disable=cfg.quiet):
+        rows = examples[start : start + cfg.batch_size]
+        batch = collate(rows, pad_id)
+        with torch.no_grad(), _autocast(teacher):
+            logits = teacher(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).logits
+        logp, ids = teacher_topk(logits, cfg.kd_topk, cfg.kd_temperature)
+        targets += [(logp[i, : len(r)].cpu(), ids[i, : len(r)].cpu()) for i, r in enumerate(rows)]
+    return targets
+
+
+def collate_targets(
+    targets: list[Targets],
+) -> Targets:
+    """Right-padded ``[B, T, k]`` teacher targets; padding has log-probability -inf."""
+    logp = torch.nn.utils.rnn.pad_sequence(
+        [t[0] for t in targets], batch_first=True, padding_value=-math.inf
+    )
+    ids = torch.nn.utils.rnn.pad_sequence([t[1] for t in targets], batch_first=True)
+    return logp, ids
+
+
 def train(
     peft_model: nn.Module,
-    teacher: nn.Module | None,
+    targets: list[Targets] | None,
     examples: list[list[int]],
     pad_id: int,
     cfg: RecoverConfig,
@@ -300,6 +353,7 @@ def train(
 ) -> list[dict]:
     """LoRA training loop; checkpoints into ``work`` every ``save_every`` steps.
 
+    ``targets``: the teacher's ``teacher_targets`` of ``examples``, or None (CE only).
     Returns the loss curve: one dict per optimizer step (``step``, ``loss``, ``ce``[, ``kl``],
     ``lr``, ``tokens`` trained on), losses averaged over the step's micro-batches, in nats per
     token.
@@ -313,11 +367,6 @@ def train(
         start, curve = load_checkpoint(work, peft_model, optimizer)
         print(f"resuming from step {start} ({work / CHECKPOINT})", file=sys.stderr)
     device = next(peft_model.parameters()).device
-    # frozen weights in bfloat16 need autocast: the float32 adapters' outputs join their stream
-    frozen_dtype = next(p for p in peft_model.parameters() if not p.requires_grad).dtype
-    autocast = torch.autocast(
-        device.type, dtype=frozen_dtype, enabled=frozen_dtype != torch.float32
-    )
     peft_model.train()
     bar = tqdm(range(start, steps), desc="recover", disable=cfg.quiet, initial=start, total=steps)
     for step in bar:
@@ -332,18 +381,15 @@ def train(
             batch = {
                 k: v.to(device) for k, v in collate([examples[i] for i in rows], pad_id).items()
             }
-            with autocast:
+            with _autocast(peft_model):
                 logits = peft_model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                 ).logits
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                        ).logits
+            teacher = None
+            if targets is not None:
+                teacher = tuple(t.to(device) for t in collate_targets([targets[i] for i in rows]))
             loss, parts = recovery_loss(
-                logits, batch["labels"], teacher_logits, cfg.kd_weight, cfg.kd_temperature
+                logits, batch["labels"], teacher, cfg.kd_weight, cfg.kd_temperature
             )
             (loss / cfg.grad_accum).backward()
             for key, value in {"loss": loss.item(), **parts}.items():
@@ -393,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss = (1-w)*CE + w*KL(teacher||student); only with a teacher",
     )
     p.add_argument("--kd-temperature", type=float, default=d.kd_temperature)
+    p.add_argument(
+        "--kd-topk",
+        type=int,
+        default=d.kd_topk,
+        help="teacher probabilities kept per position (the rest is matched as one bucket); "
+        "computed once before training, 8 bytes per token and kept probability",
+    )
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--dropout", type=float, default=d.dropout)
@@ -451,7 +504,8 @@ def validate(cfg: RecoverConfig) -> None:
     """Fail before any work or any write: bad numbers, missing files, an occupied --out."""
     from minillm.model.io import check_output_dir
 
-    for flag in ("rank", "epochs", "batch_size", "grad_accum", "save_every", "self_samples"):
+    flags = ("rank", "epochs", "batch_size", "grad_accum", "save_every", "self_samples", "kd_topk")
+    for flag in flags:
         if getattr(cfg, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1")
     if cfg.seqlen < 2:
@@ -504,19 +558,43 @@ def merged_float32(peft_model: nn.Module, cfg: RecoverConfig, dtype: str) -> nn.
     return full.merge_and_unload()
 
 
-def training_examples(cfg: RecoverConfig, model, teacher, tokenizer, work: Path) -> list[list[int]]:
-    """Token id lists for training; ``self`` data is generated once and kept in the work dir."""
+def training_examples(
+    cfg: RecoverConfig, model, teacher, tokenizer, work: Path
+) -> tuple[list[list[int]], list[Targets] | None]:
+    """Token id lists for training, and the teacher's top-k of each if it wrote them.
+
+    ``self`` data is written once by the teacher (or without one the model) and kept in the
+    work dir with the top-k the teacher computed while writing; other data has no targets yet.
+    """
     if cfg.data != "self":
         texts, is_stream = load_training_texts(cfg.data)
-        return tokenize_examples(tokenizer, texts, is_stream, cfg.seqlen, cfg.max_samples)
-    cached = work / SELF_DATA
+        return tokenize_examples(tokenizer, texts, is_stream, cfg.seqlen, cfg.max_samples), None
+    cached, cached_targets = work / SELF_DATA, work / SELF_TARGETS
     if cfg.resume and cached.is_file():
-        return [json.loads(line) for line in cached.read_text().splitlines()]
-    writer = teacher if teacher is not None else model
-    ids = self_generated(writer, tokenizer, cfg.self_samples, cfg.seqlen, cfg.seed).tolist()
-    work.mkdir(parents=True, exist_ok=True)
-    cached.write_text("".join(json.dumps(row) + "\n" for row in ids))
-    return ids[: cfg.max_samples] if cfg.max_samples else ids
+        ids = [json.loads(line) for line in cached.read_text().splitlines()]
+        targets = torch.load(cached_targets) if cached_targets.is_file() else None
+    else:
+        writer = teacher if teacher is not None else model
+        keep = cfg.kd_topk if teacher is not None else None
+        ids, targets = self_generated(
+            writer,
+            tokenizer,
+            cfg.self_samples,
+            cfg.seqlen,
+            cfg.seed,
+            cfg.quiet,
+            keep,
+            cfg.kd_temperature,
+        )
+        ids = ids.tolist()
+        work.mkdir(parents=True, exist_ok=True)
+        if targets is not None:
+            torch.save(targets, cached_targets)
+        cached.write_text("".join(json.dumps(row) + "\n" for row in ids))  # written last
+    if targets is not None:
+        targets = list(zip(targets[0].unbind(), targets[1].unbind(), strict=True))
+    n = cfg.max_samples or len(ids)
+    return ids[:n], targets[:n] if targets is not None else None
 
 
 def recorded_teacher(model_dir: str) -> tuple[str | None, str | None]:
@@ -578,13 +656,15 @@ def run(cfg: RecoverConfig, teacher_gguf_file: str | None = None) -> dict:
     teacher, teacher_name = load_teacher(cfg, teacher_gguf_file, model.config.vocab_size, dtype)
     work = Path(cfg.work_dir) if cfg.work_dir else Path(f"{cfg.out.rstrip(os.sep)}.work")
     data_start = time.perf_counter()
-    examples = training_examples(cfg, model, teacher, tokenizer, work)
-    data_time = time.perf_counter() - data_start
+    examples, targets = training_examples(cfg, model, teacher, tokenizer, work)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if teacher is not None and targets is None:
+        targets = teacher_targets(teacher, examples, pad_id, cfg)
+    data_time = time.perf_counter() - data_start  # text and teacher targets
+    del teacher  # not needed in training: frees its memory
     work.mkdir(parents=True, exist_ok=True)
     peft_model = add_lora(model, cfg)
-    curve = train(peft_model, teacher, examples, pad_id, cfg, work)
-    del teacher  # frees it before the float32 reload of the merge
+    curve = train(peft_model, targets, examples, pad_id, cfg, work)
     merged = merged_float32(peft_model, cfg, dtype)
     report = _base_report(cfg.model)
     report["recovery"] = {

@@ -18,9 +18,10 @@ from minillm.recover import (
     add_lora,
     main,
     merged_float32,
+    teacher_targets,
     total_steps,
 )
-from minillm.recovery_loss import recovery_loss
+from minillm.recovery_loss import recovery_loss, teacher_topk
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -168,7 +169,7 @@ def test_kd_loss_is_kl_of_teacher_to_student_on_labelled_tokens():
     student, teacher = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
     labels = torch.randint(0, 7, (2, 5), generator=gen)
     labels[1, 3:] = -100
-    _, parts = recovery_loss(student, labels, teacher, kd_weight=1.0)
+    _, parts = recovery_loss(student, labels, teacher_topk(teacher, 7), kd_weight=1.0)
     kls = []
     for b in range(2):
         for t in range(4):
@@ -176,7 +177,7 @@ def test_kd_loss_is_kl_of_teacher_to_student_on_labelled_tokens():
                 p = teacher[b, t].softmax(-1)
                 kls.append((p * (p.log() - student[b, t].log_softmax(-1))).sum())
     assert parts["kl"] == pytest.approx(torch.stack(kls).mean().item(), rel=1e-5)
-    _, same = recovery_loss(student, labels, student.clone(), kd_weight=1.0)
+    _, same = recovery_loss(student, labels, teacher_topk(student, 7), kd_weight=1.0)
     assert same["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -194,9 +195,9 @@ def test_loss_and_gradient_match_torch_reference(
     labels = torch.randint(0, 11, (batch, length), generator=gen)
     labels[0, 4:] = -100
     labels[-1, 1:3] = -100
-    loss, parts = recovery_loss(
-        student, labels, teacher if with_teacher else None, kd_weight, temperature
-    )
+    # all 11 tokens kept: the top-k KL is the full KL
+    targets = teacher_topk(teacher, 11, temperature) if with_teacher else None
+    loss, parts = recovery_loss(student, labels, targets, kd_weight, temperature)
     valid = labels[:, 1:].reshape(-1) != -100
     flat_s = student[:, :-1].reshape(-1, 11)[valid]
     flat_t = teacher[:, :-1].reshape(-1, 11)[valid]
@@ -216,6 +217,50 @@ def test_loss_and_gradient_match_torch_reference(
     (grad,) = torch.autograd.grad(loss, student)
     (ref_grad,) = torch.autograd.grad(reference, student)
     assert torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(("k", "temperature"), [(1, 1.0), (3, 1.0), (4, 2.0)])
+def test_topk_kl_is_kl_of_distributions_with_other_tokens_in_one_bucket(k, temperature):
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(2, 40, 9, generator=gen, requires_grad=True)
+    teacher = torch.randn(2, 40, 9, generator=gen) * 3
+    labels = torch.randint(0, 9, (2, 40), generator=gen)
+    labels[1, 30:] = -100
+    loss, parts = recovery_loss(
+        student, labels, teacher_topk(teacher, k, temperature), 1.0, temperature
+    )
+    # reference: both distributions coarsened to the teacher's k tokens + one bucket, autograd
+    valid = labels[:, 1:].reshape(-1) != -100
+    p = (teacher[:, :-1].reshape(-1, 9)[valid] / temperature).softmax(-1)
+    q = (student[:, :-1].reshape(-1, 9)[valid] / temperature).softmax(-1)
+    top = p.topk(k, -1).indices
+    rest = torch.ones_like(p, dtype=torch.bool).scatter(-1, top, False)
+
+    def coarse(d):
+        return torch.cat([d.gather(-1, top), (d * rest).sum(-1, keepdim=True)], -1)
+
+    pc, qc = coarse(p), coarse(q)
+    reference = (pc * (pc.log() - qc.log())).sum(-1).mean() * temperature**2
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert parts["kl"] == pytest.approx(reference.item(), rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, student)
+    (ref_grad,) = torch.autograd.grad(reference, student)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+def test_teacher_targets_of_padded_batches_equal_each_example_alone():
+    teacher = tiny_model("llama", seed=1).eval()
+    gen = torch.Generator().manual_seed(3)
+    examples = [torch.randint(1, 200, (n,), generator=gen).tolist() for n in (9, 4, 12, 7, 2)]
+    cfg = RecoverConfig(model="", out="", batch_size=3, kd_topk=5, kd_temperature=2.0, quiet=True)
+    targets = teacher_targets(teacher, examples, 0, cfg)
+    for example, (logp, ids) in zip(examples, targets, strict=True):
+        with torch.no_grad():
+            logits = teacher(torch.tensor([example])).logits[0]
+        ref = (logits / 2.0).log_softmax(-1).topk(5, -1)
+        assert logp.shape == ids.shape == (len(example), 5) and ids.dtype == torch.int32
+        assert torch.allclose(logp, ref.values, atol=1e-5)
+        assert torch.equal(ids.long(), ref.indices)
 
 
 def test_bfloat16_training_merges_adapters_into_float32_weights(pruned_dir):
@@ -295,9 +340,16 @@ def test_default_distills_from_the_dense_model_recorded_in_the_report(dense_and_
     from minillm.data import self_generated
 
     trained_on = [json.loads(line) for line in (work / "self_data.jsonl").read_text().splitlines()]
-    teacher_text = self_generated(tiny_model("llama"), byte_tokenizer(), 4, 16, 0).tolist()
-    student_text = self_generated(pruned_tiny(), byte_tokenizer(), 4, 16, 0).tolist()
+    teacher_text = self_generated(tiny_model("llama"), byte_tokenizer(), 4, 16, 0)[0].tolist()
+    student_text = self_generated(pruned_tiny(), byte_tokenizer(), 4, 16, 0)[0].tolist()
     assert trained_on == teacher_text != student_text
+    # the top-k kept while writing is the teacher's top-k of one forward over the written text
+    kept = torch.load(work / "self_targets.pt")
+    cfg = RecoverConfig(model="", out="", batch_size=3, quiet=True)
+    passed = teacher_targets(tiny_model("llama"), trained_on, 0, cfg)
+    assert torch.allclose(kept[0][:, :-1], torch.stack([t[0] for t in passed])[:, :-1], atol=1e-5)
+    assert torch.equal(kept[1][:, :-1], torch.stack([t[1] for t in passed])[:, :-1])
+    assert (kept[0][:, -1] == -torch.inf).all()  # the last position predicts nothing
 
 
 def test_missing_recorded_teacher_is_one_line_error(dense_and_pruned, tmp_path, capsys):

@@ -8,6 +8,7 @@ from _tiny_lm import byte_tokenizer, tiny_model
 
 import minillm.data as data
 from minillm.data import SELF_TOP_K, self_generated
+from minillm.recovery_loss import teacher_topk
 
 
 def _reference(model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -32,13 +33,20 @@ def _reference(model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch
 def test_kv_cache_sampling_equals_sampling_on_the_whole_prefix(family, monkeypatch):
     monkeypatch.setattr(data, "SELF_BATCH", 3)  # 7 sequences: batches of 3, 3 and 1
     model, tokenizer = tiny_model(family), byte_tokenizer()
-    text = self_generated(model, tokenizer, 7, 20, seed=5)
+    text, _ = self_generated(model, tokenizer, 7, 20, seed=5)
     assert torch.equal(text, _reference(model, tokenizer, 7, 20, seed=5))
+    # the top-k kept while writing: the same text, and the top-k of one forward over it
+    same, (logp, ids) = self_generated(model, tokenizer, 7, 20, 5, keep_topk=6, temperature=2.0)
+    with torch.no_grad():
+        ref_logp, ref_ids = teacher_topk(model(input_ids=text).logits, 6, 2.0)
+    assert torch.equal(same, text) and logp.shape == ids.shape == (7, 20, 6)
+    assert torch.allclose(logp[:, :-1], ref_logp[:, :-1], atol=1e-5)
+    assert torch.equal(ids[:, :-1], ref_ids[:, :-1])
 
 
 def test_every_written_token_is_among_the_top_k_and_never_eos():
     model, tokenizer = tiny_model("llama"), byte_tokenizer()
-    text = self_generated(model, tokenizer, 16, 40, seed=1)
+    text, _ = self_generated(model, tokenizer, 16, 40, seed=1)
     assert text.shape == (16, 40) and (text[:, 0] == tokenizer.bos_token_id).all()
     with torch.no_grad():
         logits = model(input_ids=text).logits[:, 1:-1]  # position t predicts t + 1
@@ -47,4 +55,4 @@ def test_every_written_token_is_among_the_top_k_and_never_eos():
     allowed = logits.topk(SELF_TOP_K, dim=-1).indices
     assert (allowed == written.unsqueeze(-1)).any(-1).all()
     assert (written != tokenizer.eos_token_id).all()
-    assert not torch.equal(text, self_generated(model, tokenizer, 16, 40, seed=2))
+    assert not torch.equal(text, self_generated(model, tokenizer, 16, 40, seed=2)[0])

@@ -175,7 +175,7 @@ class SharedPrefixLM(HFLM):
             positions = (first + torch.arange(keep)).clamp(min=0).to(device)
             needs_cache = any(len(x) > s for x, s in zip(rows, starts, strict=True))
             out = self.model(ids, use_cache=needs_cache, logits_to_keep=positions)
-            prefix_logits, cache = out.logits, out.past_key_values
+            prefix_logits, cache = out.logits, out.cache
         rest = self._rest_logits(rows, conts, starts, owner, width, cache)
         answers = []
         for r, (x, cont) in enumerate(zip(rows, conts, strict=True)):
