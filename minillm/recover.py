@@ -75,7 +75,7 @@ class RecoverConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] | None = None
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup_ratio: float = 0.05
     epochs: int = 2
     max_steps: int | None = None
