@@ -128,11 +128,12 @@ def _sample(
     """``ids [B, P]`` continued to ``[B, max(P, seqlen)]`` by top-k sampling, and the kept
     top-k of every position (see ``self_generated``)."""
 
+    kept: list[list[torch.Tensor]] = []
+
     def keep(logits: torch.Tensor) -> None:
         if keep_topk:
             kept.append([t.cpu() for t in teacher_topk(logits, keep_topk, temperature)])
 
-    kept: list[list[torch.Tensor]] = []
     device = next(model.parameters()).device
     out = model(input_ids=ids.to(device), use_cache=True, logits_to_keep=0 if keep_topk else 1)
     keep(out.logits)

@@ -7,12 +7,11 @@ decoder are trained to match its next-token distributions on them. The teacher's
 ``--kd-topk`` most likely tokens per position are kept while it writes (on other data, from one
 pass over it before training), and the KL matches them plus the mass of all other tokens as one
 bucket (``recovery_loss``). Training steps then run the student only, without the teacher in
-memory. Instruction data,
-plain text or a ``datasets`` name can be given with ``--data`` instead (then the loss mixes CE
-and KL, ``--kd-weight``). The adapters are merged and the model saved in the same format as
-the pruned one (per-layer sizes and report kept; the loss curve and the budget are added to
-``report.json``). Training runs in bfloat16 where the device computes it natively
-(``--precision``); the adapters stay float32 and the saved model is float32.
+memory. Instruction data, plain text or a ``datasets`` name can be given with ``--data``
+instead (then the loss mixes CE and KL, ``--kd-weight``). The adapters are merged and the model
+saved in the same format as the pruned one (per-layer sizes and report kept; the loss curve and
+the budget are added to ``report.json``). Training runs in bfloat16 where the device computes
+it natively (``--precision``); the adapters stay float32 and the saved model is float32.
 
 A killed run resumes from ``--work-dir`` (default ``OUT.work``) with ``--resume``.
 
@@ -300,8 +299,8 @@ def _autocast(model: nn.Module):
 
     Frozen weights in bfloat16 need it: the float32 adapters' outputs join their stream.
     """
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    param = frozen[0] if frozen else next(model.parameters())
+    param = next((p for p in model.parameters() if not p.requires_grad), None)
+    param = param if param is not None else next(model.parameters())
     return torch.autocast(
         param.device.type, dtype=param.dtype, enabled=param.dtype != torch.float32
     )
@@ -332,9 +331,7 @@ def teacher_targets(
     return targets
 
 
-def collate_targets(
-    targets: list[Targets],
-) -> Targets:
+def collate_targets(targets: list[Targets]) -> Targets:
     """Right-padded ``[B, T, k]`` teacher targets; padding has log-probability -inf."""
     logp = torch.nn.utils.rnn.pad_sequence(
         [t[0] for t in targets], batch_first=True, padding_value=-math.inf
@@ -367,6 +364,7 @@ def train(
         start, curve = load_checkpoint(work, peft_model, optimizer)
         print(f"resuming from step {start} ({work / CHECKPOINT})", file=sys.stderr)
     device = next(peft_model.parameters()).device
+    autocast = _autocast(peft_model)
     peft_model.train()
     bar = tqdm(range(start, steps), desc="recover", disable=cfg.quiet, initial=start, total=steps)
     for step in bar:
@@ -381,7 +379,7 @@ def train(
             batch = {
                 k: v.to(device) for k, v in collate([examples[i] for i in rows], pad_id).items()
             }
-            with _autocast(peft_model):
+            with autocast:
                 logits = peft_model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                 ).logits
@@ -572,7 +570,8 @@ def training_examples(
     cached, cached_targets = work / SELF_DATA, work / SELF_TARGETS
     if cfg.resume and cached.is_file():
         ids = [json.loads(line) for line in cached.read_text().splitlines()]
-        targets = torch.load(cached_targets) if cached_targets.is_file() else None
+        with_targets = teacher is not None and cached_targets.is_file()
+        targets = torch.load(cached_targets) if with_targets else None
     else:
         writer = teacher if teacher is not None else model
         keep = cfg.kd_topk if teacher is not None else None
@@ -590,7 +589,9 @@ def training_examples(
         work.mkdir(parents=True, exist_ok=True)
         if targets is not None:
             torch.save(targets, cached_targets)
-        cached.write_text("".join(json.dumps(row) + "\n" for row in ids))  # written last
+        partial = cached.with_suffix(".partial")  # written last, whole: it marks a finished set
+        partial.write_text("".join(json.dumps(row) + "\n" for row in ids))
+        partial.replace(cached)
     if targets is not None:
         targets = list(zip(targets[0].unbind(), targets[1].unbind(), strict=True))
     n = cfg.max_samples or len(ids)

@@ -1,7 +1,7 @@
 """The recovery loss: next-token CE mixed with KL(teacher || student), fused and chunked.
 
 The teacher enters as its top-k log-probabilities per position (``teacher_topk``), computed once
-before training: a step then costs no teacher forward pass. The KL is that of the two
+before the training steps: a step then costs no teacher forward pass. The KL is that of the two
 distributions coarsened to the teacher's k tokens plus one "other tokens" bucket: exact in the
 mass each model puts outside the k tokens, blind only to how it spreads there.
 
