@@ -67,7 +67,7 @@ def _random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) ->
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-SELF_TOP_K = 50  # self-written text samples among the model's 50 most likely tokens
+SELF_TOP_K = 50  # calibration text samples among the model's 50 most likely tokens
 SELF_BATCH = 256  # sequences written at once: the fastest per sequence on a 2-core CPU
 
 
@@ -84,13 +84,15 @@ def self_generated(
     quiet: bool = True,
     keep_topk: int | None = None,
     temperature: float = 1.0,
+    top_k: int | None = SELF_TOP_K,
 ) -> tuple[torch.Tensor, Targets | None]:
     """``[nsamples, seqlen]`` tokens sampled from the model itself, each sequence started
-    from BOS and a random vocabulary token (temperature 1, top-k 50, never EOS).
+    from BOS and a random vocabulary token (temperature 1, never EOS), among the ``top_k`` most
+    likely tokens or, with ``top_k=None``, from the whole distribution.
 
-    A plain KV-cache loop over ``SELF_BATCH`` sequences at a time that samples among the top-k
-    only: ``generate``'s sampling draws an exponential variate for every vocabulary entry of
-    every row and step, ~40% of its time. A progress bar counts sequences unless ``quiet``.
+    A plain KV-cache loop over ``SELF_BATCH`` sequences at a time that draws one uniform
+    variate per row and step (``generate``'s sampling draws an exponential variate for every
+    vocabulary entry of every row and step). A progress bar counts sequences unless ``quiet``.
     With ``keep_topk=k``, the second output is the model's ``teacher_topk`` at ``temperature``
     at every position, ``([nsamples, seqlen, k] float32, [nsamples, seqlen, k] int32)``, taken
     from the logits the sampling computes anyway (the last position's is -inf / 0: it predicts
@@ -105,7 +107,7 @@ def self_generated(
     with tqdm(total=nsamples, desc="writing", unit="seq", disable=quiet) as bar:
         for part in prompt.split(SELF_BATCH):
             ids, topk = _sample(
-                model, part, seqlen, tokenizer.eos_token_id, gen, keep_topk, temperature
+                model, part, seqlen, tokenizer.eos_token_id, gen, keep_topk, temperature, top_k
             )
             rows.append(ids)
             kept.append(topk)
@@ -124,6 +126,7 @@ def _sample(
     gen: torch.Generator,
     keep_topk: int | None,
     temperature: float,
+    top_k: int | None,
 ) -> tuple[torch.Tensor, Targets | None]:
     """``ids [B, P]`` continued to ``[B, max(P, seqlen)]`` by top-k sampling, and the kept
     top-k of every position (see ``self_generated``)."""
@@ -141,9 +144,7 @@ def _sample(
         logits = out.logits[:, -1].float()
         if eos is not None:
             logits[:, eos] = -torch.inf
-        top = logits.topk(min(SELF_TOP_K, logits.shape[-1]), dim=-1)
-        pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=gen)
-        token = top.indices.cpu().gather(-1, pick)
+        token = _draw(logits, top_k, gen)
         ids = torch.cat([ids, token], 1)
         if ids.shape[1] < seqlen:  # the last token predicts nothing: no forward for it
             out = model(input_ids=token.to(device), cache=out.cache, logits_to_keep=1)
@@ -153,6 +154,18 @@ def _sample(
     logp, top_ids = (torch.cat(t, dim=1) for t in zip(*kept, strict=True))
     missing = (0, 0, 0, ids.shape[1] - logp.shape[1])
     return ids, (F.pad(logp, missing, value=-torch.inf), F.pad(top_ids, missing))
+
+
+def _draw(logits: torch.Tensor, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``, ``[B, 1]`` on the CPU: among the ``top_k`` most
+    likely, or from the whole softmax by inverting its CDF at one uniform variate per row."""
+    if top_k:
+        top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=gen)
+        return top.indices.cpu().gather(-1, pick)
+    cdf = logits.softmax(-1).cpu().cumsum(-1)
+    u = torch.rand(len(cdf), 1, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
 
 
 def calibration_batches(

@@ -2,15 +2,16 @@
 
 The default needs no data: the dense model the pruned one came from (recorded in its
 ``report.json``; ``--teacher`` overrides, ``--teacher none`` turns distillation off) writes
-``--self-samples`` sequences, and LoRA adapters (peft) on every linear projection of the
-decoder are trained to match its next-token distributions on them. The teacher's
-``--kd-topk`` most likely tokens per position are kept while it writes (on other data, from one
-pass over it before training), and the KL matches them plus the mass of all other tokens as one
-bucket (``recovery_loss``). Training steps then run the student only, without the teacher in
-memory. Instruction data, plain text or a ``datasets`` name can be given with ``--data``
-instead (then the loss mixes CE and KL, ``--kd-weight``). The adapters are merged and the model
-saved in the same format as the pruned one (per-layer sizes and report kept; the loss curve and
-the budget are added to ``report.json``). Training runs in bfloat16 where the device computes
+``--self-samples`` sequences, sampled from its whole distribution (``--self-top-k``), and LoRA
+adapters (peft) on every linear projection of the decoder are trained to match its next-token
+distributions on them. The teacher's ``--kd-topk`` most likely tokens per position are kept
+while it writes (on other data, from one pass over it before training), and the KL matches
+them plus the mass of all other tokens as one bucket (``recovery_loss``). Training steps then
+run the student only, without the teacher in memory. Instruction data, plain text or a
+``datasets`` name can be given with ``--data`` instead (then the loss mixes CE and KL,
+``--kd-weight``). The adapters are merged and the model saved in the same format as the pruned
+one (per-layer sizes and report kept; the loss curve and the budget are added to
+``report.json``). Training runs in bfloat16 where the device computes
 it natively (``--precision``); the adapters stay float32 and the saved model is float32.
 
 A killed run resumes from ``--work-dir`` (default ``OUT.work``) with ``--resume``.
@@ -82,7 +83,8 @@ class RecoverConfig:
     grad_accum: int = 1
     seqlen: int = 128
     max_samples: int | None = None
-    self_samples: int = 1536
+    self_samples: int = 2048
+    self_top_k: int = 0  # 0: the writer samples from the whole distribution
     save_every: int = 50
     work_dir: str | None = None
     resume: bool = False
@@ -470,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.self_samples,
         help="sequences written by the model for --data self",
     )
+    p.add_argument(
+        "--self-top-k",
+        type=int,
+        default=d.self_top_k,
+        help="the writer samples among its K most likely tokens (0: from all of them)",
+    )
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period")
     p.add_argument(
         "--work-dir", help="checkpoint directory (default: OUT.work, removed on success)"
@@ -508,6 +516,8 @@ def validate(cfg: RecoverConfig) -> None:
             raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1")
     if cfg.seqlen < 2:
         raise ValueError("--seqlen: must be >= 2")
+    if cfg.self_top_k < 0:
+        raise ValueError(f"--self-top-k: must be >= 0 (0: no truncation), got {cfg.self_top_k}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ValueError("--max-steps: must be >= 1")
     if not 0.0 <= cfg.kd_weight <= 1.0:
@@ -584,6 +594,7 @@ def training_examples(
             cfg.quiet,
             keep,
             cfg.kd_temperature,
+            cfg.self_top_k or None,
         )
         ids = ids.tolist()
         work.mkdir(parents=True, exist_ok=True)

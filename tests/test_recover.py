@@ -384,3 +384,13 @@ def test_empty_training_text_is_one_line_error_naming_the_file(pruned_dir, tmp_p
     err = capsys.readouterr().err.strip()
     assert err == f"python -m minillm.recover: error: --data: {empty} is empty (no training text)"
     assert not (tmp_path / "r").exists()
+
+
+def test_negative_self_top_k_is_one_line_error(pruned_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main([str(pruned_dir), "--out", str(out), "--self-top-k", "-1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "python -m minillm.recover: error: --self-top-k: must be >= 0 (0: no truncation), got -1"
+    )
+    assert not out.exists()
