@@ -128,7 +128,7 @@ def _sample(
     temperature: float,
     top_k: int | None,
 ) -> tuple[torch.Tensor, Targets | None]:
-    """``ids [B, P]`` continued to ``[B, max(P, seqlen)]`` by top-k sampling, and the kept
+    """``ids [B, P]`` continued to ``[B, max(P, seqlen)]`` by ``_draw``, and the kept
     top-k of every position (see ``self_generated``)."""
 
     kept: list[list[torch.Tensor]] = []

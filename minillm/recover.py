@@ -55,7 +55,7 @@ ALPACA_PROMPT = (
 CHECKPOINT = "checkpoint.pt"
 SELF_DATA = "self_data.jsonl"
 SELF_TARGETS = "self_targets.pt"  # the teacher's top-k on SELF_DATA
-SELF_DATA_STEPS = 400  # default budget on self-written text: ~25 min on 2 CPU cores with AMX
+SELF_DATA_STEPS = 400  # default budget on self-written text: ~27 min on 2 CPU cores with AMX
 TEACHER_HINT = "pass --teacher DIR (or 'embedded'), or --teacher none to train without one"
 
 
