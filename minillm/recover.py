@@ -11,8 +11,8 @@ run the student only, without the teacher in memory. Instruction data, plain tex
 ``datasets`` name can be given with ``--data`` instead (then the loss mixes CE and KL,
 ``--kd-weight``). The adapters are merged and the model saved in the same format as the pruned
 one (per-layer sizes and report kept; the loss curve and the budget are added to
-``report.json``). Training runs in bfloat16 where the device computes
-it natively (``--precision``); the adapters stay float32 and the saved model is float32.
+``report.json``). Training runs in bfloat16 where the device computes it natively
+(``--precision``); the adapters stay float32 and the saved model is float32.
 
 A killed run resumes from ``--work-dir`` (default ``OUT.work``) with ``--resume``.
 
@@ -314,7 +314,7 @@ def teacher_targets(
     """The teacher's ``teacher_topk`` of every example, from one forward pass over the data.
 
     Per example ``(log-probabilities float32 [L, k], token ids int32 [L, k])`` at
-    ``--kd-temperature``, on the CPU: 8 bytes per token and kept token (200 MB for 1,536 x 128
+    ``--kd-temperature``, on the CPU: 8 bytes per token and kept token (270 MB for 2,048 x 128
     tokens at k = 128). Training then needs no teacher forward pass, nor the teacher in memory.
     """
     device = next(teacher.parameters()).device
