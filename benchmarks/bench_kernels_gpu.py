@@ -45,10 +45,11 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels_gpu.py needs a CUDA device")
+    from triton.testing import do_bench
+
     from minillm.kernels.fms_scores import fms_scores_triton
     from minillm.kernels.perturbed_linear import perturbed_linear_triton
     from minillm.kernels.reference import fms_scores_ref
-    from triton.testing import do_bench
 
     dev, dt = "cuda", torch.bfloat16
     rows = []

@@ -23,9 +23,9 @@ import time
 
 import torch
 from _smollm2 import load_smollm2
-from minillm.kernels import ops
 from torch import nn
 
+from minillm.kernels import ops
 from minillm.scoring.perturb import perturbed
 
 

@@ -26,8 +26,8 @@ import time
 
 import torch
 from _smollm2 import setup, spearman
-from minillm.kernels import ops
 
+from minillm.kernels import ops
 from minillm.scoring import gradients as exact
 from minillm.scoring import spsa
 from minillm.scoring.activations import collect_input_stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from minillm.kernels import cpp, ops
 from minillm.kernels import noise as N
 from minillm.kernels.reference import fms_scores_ref, perturbed_linear_ref

@@ -21,10 +21,11 @@ import sys
 
 import pytest
 import torch
+from torch import nn
+
 from minillm.kernels import noise as N
 from minillm.kernels import ops
 from minillm.kernels.reference import fms_scores_ref, perturbed_linear_ref
-from torch import nn
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from minillm.kernels import noise as N
 
 M32 = 0xFFFFFFFF

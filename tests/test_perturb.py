@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
-from minillm.kernels import ops
-from minillm.kernels.noise import noise, unit_noise
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from minillm.kernels import ops
+from minillm.kernels.noise import noise, unit_noise
 from minillm.scoring.perturb import collect_input_stats, perturbed
 
 BACKENDS = ["reference", "cpp"]

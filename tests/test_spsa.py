@@ -6,9 +6,9 @@ import pytest
 import torch
 from _memory import PeakTensorBytes
 from conftest import VOCAB, make_tiny_model
-from minillm.kernels.noise import noise
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from minillm.kernels.noise import noise
 from minillm.model.adapters import adapter_for
 from minillm.scoring import gradients as exact
 from minillm.scoring import spsa

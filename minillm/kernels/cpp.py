@@ -1,4 +1,4 @@
-"""C++ CPU operators (``csrc/minillm_ops.cpp``), compiled with ninja on first use.
+"""C++ CPU operators (``minillm/csrc/minillm_ops.cpp``), compiled with ninja on first use.
 
 ``torch.utils.cpp_extension.load`` builds the extension once per machine into its cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). If the build fails (no compiler,
@@ -23,7 +23,6 @@ import torch
 
 from .noise import stream_key
 
-# minillm/kernels -> minillm/csrc in a wheel; kernels/ -> csrc/ in a source checkout
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "minillm_ops.cpp"
 KIND_CODES = {"dense": 0, "rows": 1, "cols": 2}
 

@@ -1,8 +1,8 @@
 """Pure-PyTorch references of the fused operators (any device, no compiler, no Triton).
 
-They define the semantics the Triton kernels (``perturbed_linear.py``, ``fms_scores.py``) and the
-C++ operators (``csrc/``) are tested against. They live apart from the Triton files so that they
-import where Triton does not exist.
+They define the semantics the Triton kernels (``perturbed_linear.py``, ``fms_scores.py``) and
+the C++ operators (``minillm/csrc/``) are tested against. They live apart from the Triton files
+so that they import where Triton does not exist.
 
 Conventions shared by every backend:
 
