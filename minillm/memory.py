@@ -8,6 +8,7 @@ the process started (``ru_maxrss``), which the report marks with ``cpu_peak_rese
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from collections.abc import Iterator
@@ -15,6 +16,31 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def unmap_freed_blocks() -> None:
+    """Have glibc map every block of 128 KiB or more on its own and unmap it when freed.
+
+    Its default threshold adapts upwards to 32 MiB after the first such block is freed, so
+    later temporaries of up to tens of MiB (a linear's output, a slab of a Gram matrix) land on
+    the heap beside small long-lived tensors (statistics), and freed heap below those is never
+    returned: measured on SmolLM2, the statistics pass alone grew the resident size by 1.1 GiB.
+    With the threshold fixed a run peaks at what it holds. The cost is a page fault per fresh
+    page of such blocks. A no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed blocks at the heap's top)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_cpu_peak() -> bool:

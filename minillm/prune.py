@@ -24,7 +24,7 @@ from minillm.blocks.reconstruct import prune_sequential
 from minillm.data import HUB_CALIBRATION, calibration_batches, read_text
 from minillm.evaluation.generation import generate_samples
 from minillm.evaluation.perplexity import HELDOUT_TEXT, perplexity, tokenize_text
-from minillm.memory import PhaseMeter
+from minillm.memory import PhaseMeter, unmap_freed_blocks
 from minillm.model.adapters import adapter_for
 from minillm.model.dtypes import DTYPES
 from minillm.model.io import atomic_output_dir, check_output_dir, save_pruned
@@ -283,6 +283,7 @@ def run(cfg: PruneConfig) -> dict:
     """Load, calibrate, score, prune and save; returns the report written to ``cfg.out``."""
     validate(cfg)
     resolve_repair(cfg)
+    unmap_freed_blocks()  # the peak we report is what the run holds, not what glibc kept
     if streaming.should_stream(cfg):
         return streaming.run(cfg, pruning_report)
     meter = PhaseMeter(cfg.device)

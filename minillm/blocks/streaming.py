@@ -36,7 +36,6 @@ transformers and cached as safetensors under ``$MINILLM_CACHE`` (default
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -56,7 +55,7 @@ from minillm.blocks.reconstruct import prune_sequential
 from minillm.blocks.resume import ResumeState
 from minillm.data import calibration_batches
 from minillm.evaluation.perplexity import HELDOUT_TEXT
-from minillm.memory import PhaseMeter
+from minillm.memory import PhaseMeter, trim_heap
 from minillm.model import shards
 from minillm.model.adapters import adapter_for
 from minillm.model.dtypes import parse_dtype
@@ -93,30 +92,6 @@ def _skeleton(config, dtype: torch.dtype, device: torch.device) -> PreTrainedMod
             if buf is not None:
                 module._buffers[name] = buf.to(device)
     return model.eval()
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc keeps freed blocks of up to 32 MiB)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
-
-def _unmap_freed_blocks() -> None:
-    """Have glibc map every block of 128 KiB or more on its own and unmap it when freed.
-
-    Its default threshold adapts upwards to 32 MiB, so the refit's tens-of-MiB temporaries
-    (slabs of the Gram, the right-hand side) stay on the heap once freed and the next ones
-    land beside them, so a streamed run would peak at what it once held, not at what it holds.
-    The cost is a page fault per fresh page of such blocks."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
 
 
 class StreamedModel:
@@ -222,7 +197,7 @@ class StreamedModel:
                 if old is None or old.shape != p.shape:
                     old = nn.Parameter(p.detach().to("meta"), requires_grad=False)
                 module._parameters[leaf] = old
-        _trim_heap()
+        trim_heap()
 
     def module_name(self, module: nn.Module) -> str:
         return self._module_name[module]
@@ -518,7 +493,6 @@ def run(cfg, pruning_report: Callable[..., dict]) -> dict:
     report.json fields) is the in-memory run's own, passed in by :func:`minillm.prune.run` so
     both paths report alike."""
     _validate(cfg)
-    _unmap_freed_blocks()
     rank, world = distributed.setup(cfg.device)
     if world > 1 and cfg.resume:
         raise ValueError("--resume: checkpoints are per process; resume runs in one process")
