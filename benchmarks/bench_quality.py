@@ -257,7 +257,7 @@ def main() -> None:
                         keep,
                         layers,
                         ridge=float(args.ridge.split(",")[0]),
-                        select=args.reconstruct == "select",
+                        select="refit" if args.reconstruct == "select" else "scores",
                     )
                 row["reconstruct_wall_s"] = round(meter.time_s["reconstruct"], 2)
                 row["reconstruct_peak_rss_bytes"] = meter.peak_memory_bytes["reconstruct"]
@@ -278,7 +278,7 @@ def main() -> None:
                         keep,
                         layers,
                         ridge=ridge,
-                        select=recon == "select",
+                        select="refit" if recon == "select" else "scores",
                     )
                     recon_s = time.perf_counter() - t0
                     result, params_after = ppl(pruned), sum(p.numel() for p in pruned.parameters())

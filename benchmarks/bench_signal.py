@@ -30,7 +30,7 @@ from _smollm2 import setup, spearman
 from minillm.kernels import ops
 from minillm.scoring import gradients as exact
 from minillm.scoring import spsa
-from minillm.scoring.activations import collect_input_stats
+from minillm.scoring.stats import model_input_stats
 
 
 def prefix(est: spsa.Estimate, k: int, k_max: int) -> spsa.Estimate:
@@ -67,7 +67,7 @@ def main() -> None:
     bs = args.batch_size
     linears = list(dict.fromkeys(b.linear for g in groups for b in g.producers + g.consumers))
     t0 = time.perf_counter()
-    stats, _ = collect_input_stats(model, linears, calib, 2 * bs)
+    stats, _ = model_input_stats(model, linears, calib, 2 * bs)
     grads, bp_passes, _ = exact.weight_gradients(model, linears, calib, bs)
     taylor, fms_bp = [], []
     for g in groups:

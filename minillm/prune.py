@@ -335,7 +335,7 @@ def run(cfg: PruneConfig) -> dict:
                 cfg.gqa,
                 cfg.batch_size,
                 cfg.ridge,
-                select=cfg.select == "refit",
+                select=cfg.select,
             )
         else:
             if cfg.compensate:

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from minillm.blocks.loop import capture, sweep
 from minillm.model.adapters import adapter_for
-from minillm.scoring.activations import chunked_lm_loss, collect_input_stats, sequence_losses
+from minillm.model.lm_loss import chunked_lm_loss, sequence_losses
 from minillm.scoring.gradients import weight_gradients
+from minillm.scoring.stats import model_input_stats
 
 TOKENS = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(4))
 
@@ -102,7 +103,7 @@ def test_reduce_sees_gradient_and_input_stats_of_the_forward_sweep():
     model = make_tiny_model("opt")
     linears = _linears(model)[:4]
     ref_grads = _full_backprop(model, linears)
-    ref_stats, _ = collect_input_stats(model, linears, TOKENS, batch_size=5)
+    ref_stats, _ = model_input_stats(model, linears, TOKENS, batch_size=5)
 
     def reduce(lin, grad, stats):
         return (grad.abs() * stats.norm).sum(0)

@@ -165,7 +165,7 @@ def _fms_end_to_end(backend: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minillm.scoring.perturb import collect_input_stats, perturbed
+    from minillm.scoring.perturb import perturbed, summed_input_stats
 
     os.environ["MINILLM_BACKEND"] = backend
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def _fms_end_to_end(backend: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3)).to(dev)
     eps, est = 1e-2, []
     with torch.no_grad():
-        with collect_input_stats(lins) as stats:
+        with summed_input_stats(lins) as stats:
             model(ids)
         for seed in (11, 12):
             with perturbed(lins, seed, eps):
@@ -224,7 +224,7 @@ def test_fms_end_to_end_identical_across_backends(monkeypatch) -> None:
 
 
 def test_perturbed_context_through_triton(triton_backend) -> None:
-    from minillm.scoring.perturb import collect_input_stats, perturbed
+    from minillm.scoring.perturb import perturbed, summed_input_stats
 
     torch.manual_seed(0)
     lin = nn.Linear(33, 17).to(DEVICE)
@@ -235,7 +235,7 @@ def test_perturbed_context_through_triton(triton_backend) -> None:
     with torch.no_grad():
         torch.testing.assert_close(y[0], x[0] @ (lin.weight + 0.1 * z).T + lin.bias)
         torch.testing.assert_close(y[1], x[1] @ (lin.weight - 0.1 * z).T + lin.bias)
-    with collect_input_stats([(7, lin)]) as stats:
+    with summed_input_stats([(7, lin)]) as stats:
         lin(x)
     torch.testing.assert_close(stats[7].sum_sq, x.reshape(-1, 33).pow(2).sum(0))
 

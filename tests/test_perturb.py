@@ -1,4 +1,4 @@
-"""``perturbed()`` and ``collect_input_stats()``: the + and - halves equal forwards of explicitly
+"""``perturbed()`` and ``summed_input_stats()``: the + and - halves equal forwards of explicitly
 perturbed dense copies, parameters stay bit-identical, original forwards come back."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from minillm.kernels import ops
 from minillm.kernels.noise import noise, unit_noise
-from minillm.scoring.perturb import collect_input_stats, perturbed
+from minillm.scoring.perturb import perturbed, summed_input_stats
 
 BACKENDS = ["reference", "cpp"]
 
@@ -114,7 +114,7 @@ def test_input_stats_match_hooked_inputs(backend: str) -> None:
     ]
     batches = [torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (1, 3))]
     with torch.no_grad():
-        with collect_input_stats(lins) as stats:
+        with summed_input_stats(lins) as stats:
             outs = [model(b).logits for b in batches]
         for h in hooks:
             h.remove()

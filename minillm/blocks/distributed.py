@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from minillm.scoring.activations import InputStats
+from minillm.scoring.stats import InputStats
 
 
 def setup(device: str) -> tuple[int, int]:

@@ -236,13 +236,13 @@ def prune_and_refit(
     inputs: Boundary,
     gqa: str = "query",
     ridge: float = 0.1,
-    select: bool = False,
+    select: str = "scores",
 ) -> None:
     """Remove ``kind`` units of ``layer`` not in ``keep`` and refit their consumers on the
     Gram statistics of the consumer inputs when the block runs on ``inputs``.
 
-    ``select=True`` keeps as many units per partition as ``keep`` but chooses them by
-    :func:`select_removals` on the same statistics.
+    ``select="scores"`` removes the units not in ``keep``; ``"refit"`` keeps as many units per
+    partition as ``keep`` but chooses them by :func:`select_removals` on the same statistics.
     """
     group = adapter.groups(model, layer, gqa)[kind]
     if len(group.consumers) != 1:
@@ -251,7 +251,7 @@ def prune_and_refit(
     lin = consumer.linear
     gram = consumer_gram(adapter.layers(model)[layer], lin, inputs)
     distributed.all_reduce_gram(gram)
-    if select:
+    if select == "refit":
         per_partition = (group.n_units - keep.numel()) // group.partitions
         removed = select_removals(
             lin.weight, gram, consumer.size, group.partitions, per_partition, ridge
@@ -298,14 +298,14 @@ def prune_sequential(
     gqa: str = "query",
     batch_size: int = 8,
     ridge: float = 0.1,
-    select: bool = False,
+    select: str = "scores",
     source: BlockSource | None = None,
 ) -> None:
     """Prune ``layers`` bottom-up to the kept units ``keep`` (as
     :func:`minillm.model.surgery.prune_layer` would), refitting each consumer on the calibration
     ``tokens`` ``[n, seqlen]`` as they reach the layer through the already-pruned layers below
-    it. ``select=True``: ``keep`` gives only
-    how many units each layer keeps; which ones is decided by :func:`select_removals`.
+    it. ``select="refit"``: ``keep`` gives only how many units each layer keeps; which ones is
+    decided by :func:`select_removals`.
     ``source``: blocks loaded and released one at a time (:mod:`minillm.blocks.loop`)."""
     _warn_if_underdetermined(model, adapter, tokens, keep)
     boundary = capture(model, adapter, tokens, batch_size, source)

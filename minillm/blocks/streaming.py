@@ -63,7 +63,6 @@ from minillm.model.io import atomic_output_dir, save_pruned
 from minillm.model.loading import load_model
 from minillm.model.surgery import count_params, prune_layer
 from minillm.scoring import allocation, spsa
-from minillm.scoring.activations import InputStats, collected_stats
 from minillm.scoring.criteria import (
     CRITERIA,
     ScoringContext,
@@ -74,6 +73,7 @@ from minillm.scoring.criteria import (
     spsa_options,
     wanda_sp,
 )
+from minillm.scoring.stats import InputStats, collected_stats
 
 log = logging.getLogger("minillm")
 BLOCK_CRITERIA = ("magnitude", "wanda-sp", "flap")  # a layer's scores need only its block
@@ -471,7 +471,7 @@ def _write(sm: StreamedModel, cfg, keep, ctx: ScoringContext, layers: list[int])
             cfg.gqa,
             cfg.batch_size,
             cfg.ridge,
-            select=cfg.select == "refit",
+            select=cfg.select,
             source=sm,
         )
     else:

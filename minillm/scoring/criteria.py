@@ -48,7 +48,7 @@ from minillm.kernels import ops
 from minillm.model.adapters import Adapter, Block, Group
 from minillm.scoring import gradients as exact
 from minillm.scoring import spsa
-from minillm.scoring.activations import InputStats, collect_input_stats
+from minillm.scoring.stats import InputStats, model_input_stats
 
 Scores = dict[tuple[int, str], torch.Tensor]
 
@@ -106,7 +106,7 @@ def linears_of(groups: list[Group]) -> list[nn.Linear]:
 def input_stats(ctx: ScoringContext) -> dict[nn.Linear, InputStats]:
     """Input statistics of every producer and consumer linear (one calibration pass, cached)."""
     if "stats" not in ctx.cache:
-        stats, passes = collect_input_stats(
+        stats, passes = model_input_stats(
             ctx.model, linears_of(ctx.groups), ctx.batches, ctx.option("batch_size")
         )
         ctx.count(passes)

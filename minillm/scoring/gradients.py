@@ -25,14 +25,9 @@ from minillm.blocks.loop import (
 )
 from minillm.blocks.resume import ResumeState
 from minillm.model.adapters import Adapter, Group, adapter_for
-from minillm.scoring.activations import (
-    InputStats,
-    chunk_ce,
-    collected_stats,
-    loss_chunks,
-    sequence_losses,
-)
+from minillm.model.lm_loss import chunk_ce, loss_chunks, sequence_losses
 from minillm.scoring.spsa import n_coords, scaled_consumer_inputs
+from minillm.scoring.stats import InputStats, collected_stats
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from torch import nn
 from minillm.kernels import ops
 
 
-class InputStats(NamedTuple):
+class StatSums(NamedTuple):
     """Per-input-feature statistics of a linear's inputs, accumulated over calls.
 
     ``sum_sq`` ``[in_features]`` float32: sum of squares over tokens (``sqrt`` gives the L2 norm
@@ -108,16 +108,16 @@ def perturbed(
 
 
 @contextmanager
-def collect_input_stats(
+def summed_input_stats(
     linears: Sequence[tuple[int, nn.Linear]],
-) -> Iterator[dict[int, InputStats]]:
+) -> Iterator[dict[int, StatSums]]:
     """Accumulate per-input-feature statistics of each listed linear's inputs while forwards run.
 
-    Yields a dict ``tensor_id -> InputStats(sum_sq [in], sum [in], count)`` updated in place after
+    Yields a dict ``tensor_id -> StatSums(sum_sq [in], sum [in], count)`` updated in place after
     every forward; the outputs are those of the unmodified linears (the fused op reduces the
     statistics on the same read of ``x`` as the matrix product).
     """
-    stats: dict[int, InputStats] = {}
+    stats: dict[int, StatSums] = {}
 
     def make_forward(tid: int, mod: nn.Linear):
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -125,11 +125,9 @@ def collect_input_stats(
             y, sum_sq, sum_ = ops.perturbed_linear_stats(x2, mod.weight, mod.bias)
             old = stats.get(tid)
             if old is None:
-                stats[tid] = InputStats(sum_sq, sum_, x2.shape[0])
+                stats[tid] = StatSums(sum_sq, sum_, x2.shape[0])
             else:
-                stats[tid] = InputStats(
-                    old.sum_sq + sum_sq, old.sum + sum_, old.count + x2.shape[0]
-                )
+                stats[tid] = StatSums(old.sum_sq + sum_sq, old.sum + sum_, old.count + x2.shape[0])
             return y.reshape(*x.shape[:-1], y.shape[-1])
 
         return forward

@@ -37,7 +37,7 @@ from minillm.blocks import distributed
 from minillm.blocks.loop import BlockSource, HiddenStore, block_output, capture, resident
 from minillm.kernels.noise import unit_noise
 from minillm.model.adapters import Group, adapter_for
-from minillm.scoring.activations import chunked_lm_loss, sequence_losses
+from minillm.model.lm_loss import chunked_lm_loss, sequence_losses
 from minillm.scoring.perturb import perturbed
 
 Estimate = list[tuple[int, float]]
