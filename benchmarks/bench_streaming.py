@@ -92,7 +92,7 @@ def prune(model: Path, out: Path, args, offload: bool, ranks: int = 1) -> dict:
     launch = [sys.executable]
     if ranks > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    cmd = [*launch, "-m", "minillm.prune", "--model", str(model), "--out", str(out)]
+    cmd = [*launch, "-m", "minillm.prune", str(model), "--out", str(out)]
     cmd += ["--criterion", args.criterion, "--calib", args.calib, "--ratio", "0.2", "--quiet"]
     cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     cmd += ["--batch-size", str(args.batch_size), "--overwrite"]

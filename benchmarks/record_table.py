@@ -126,7 +126,7 @@ def make_model(name: str, ratio: float, recovered: bool, dense: Path, args) -> P
     if not (pruned / "report.json").is_file():
         quietly(
             prune.main,
-            ["--model", str(dense), *CONFIGS[name], "--ratio", str(ratio), "--calib", args.calib,
+            [str(dense), *CONFIGS[name], "--ratio", str(ratio), "--calib", args.calib,
              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
              "--seed", str(args.seed), "--out", str(pruned), "--overwrite", "--quiet"],
         )  # fmt: skip

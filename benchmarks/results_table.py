@@ -103,7 +103,7 @@ def prune_model(dense: Path, out: Path, name: str, ratio: float, args) -> dict:
     spec, _, allocation = name.partition("/")
     criterion, _, variant = spec.partition("@")
     argv = [
-        "--model", str(dense), "--criterion", criterion, "--ratio", str(ratio),
+        str(dense), "--criterion", criterion, "--ratio", str(ratio),
         "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--perturbations", str(args.perturbations), "--seed", str(args.seed),
         "--out", str(out), "--overwrite", "--quiet",

@@ -57,7 +57,7 @@ def _hub_text(name: str) -> str:
     return "\n\n".join(r[field] for r in rows)
 
 
-def _random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     if ids.numel() <= seqlen:
         raise ValueError(
             f"--calib: text has {ids.numel()} tokens, need more than --seqlen {seqlen}"
@@ -182,4 +182,4 @@ def calibration_batches(
         valid = ", ".join(["self", *HUB_CALIBRATION])
         raise ValueError(f"--calib: '{source}' is neither a file nor one of: {valid}")
     ids = tokenizer(text, return_tensors="pt").input_ids.reshape(-1)
-    return _random_windows(ids, nsamples, seqlen, seed)
+    return random_windows(ids, nsamples, seqlen, seed)

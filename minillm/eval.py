@@ -1,13 +1,13 @@
-"""``python -m minillm.eval [DIR_OR_ID]``: perplexity, zero-shot accuracy, samples and speed.
+"""minillm eval [MODEL] (also python -m minillm.eval): perplexity, zero-shot accuracy,
+samples and speed of a dense or pruned causal LM.
 
-Results go to stdout as a table (and to ``--json PATH``, metric names as keys, e.g.
-``{"ppl": {"wikitext2": 23.4}, "acc": {"piqa": 0.61}}``); logs and progress go to stderr.
+Results go to stdout as a table (and with --out FILE to JSON, metric names as keys, e.g.
+{"ppl": {"wikitext2": 23.4}, "acc": {"piqa": 0.61}}); logs and progress go to stderr.
 
-Examples::
-
-    python -m minillm.eval out/pruned --data-dir ../shared/data/wikitext2 --max-tokens 16384
-    python -m minillm.eval out/pruned --tasks piqa,boolq --task-data-dir my_tasks/ --limit 200
-    python -m minillm.eval --generate --speed            # the embedded SmolLM2-135M
+Examples:
+  minillm eval pruned/ --text wikitext2/ --max-tokens 16384
+  minillm eval pruned/ --tasks piqa,boolq --task-data-dir my_tasks/ --limit 200
+  minillm eval --generate --speed            # the embedded SmolLM2-135M
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from minillm import cli
 from minillm.evaluation.generation import (
     DEFAULT_PROMPTS,
     compare_speed,
@@ -59,9 +60,7 @@ class EvalConfig:
 
     model: str | None
     gguf_file: str | None
-    datasets: list[str]
-    data_files: list[str]
-    data_dirs: list[str]
+    texts: list[str]
     seqlen: int | None
     max_tokens: int | None
     batch_size: int
@@ -75,84 +74,80 @@ class EvalConfig:
     speed: bool
     speed_reference: str | None
     speed_tokens: tuple[int, int]
-    json: str | None
+    out: str | None
     quiet: bool
     device: str
     dtype: str
     seed: int
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m minillm.eval",
-        description="Evaluate a dense or pruned causal LM: perplexity, zero-shot, samples, speed.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
         nargs="?",
+        metavar="MODEL",
         help="model dir (dense or minillm-pruned) or hub id; "
         "default: the embedded SmolLM2-135M-Instruct GGUF",
     )
-    p.add_argument("--gguf-file", help="GGUF file name inside MODEL (or a path)")
-    p.add_argument(
-        "--datasets",
-        default=None,
-        help=f"comma-separated perplexity corpora via `datasets`: {eval_text_names()}",
+    m = p.add_argument_group("model")
+    m.add_argument("--gguf-file", help="GGUF file name inside MODEL (or a path)")
+    m.add_argument("--device", help="cuda if available, else cpu")
+    m.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"
     )
-    p.add_argument(
-        "--data-file",
+    ppl = p.add_argument_group("perplexity")
+    ppl.add_argument(
+        "--text",
         action="append",
         default=[],
-        help="local text/JSONL test file for perplexity (repeatable)",
+        dest="texts",
+        metavar="TEXT",
+        help="a text/JSONL file, a directory holding test.txt (e.g. WikiText-2), or a datasets "
+        f"name ({', '.join(eval_text_names())}); repeatable (default: wikitext2 when nothing "
+        "else is asked)",
     )
-    p.add_argument(
-        "--data-dir",
-        action="append",
-        default=[],
-        help="local directory with test.txt (e.g. WikiText-2) (repeatable)",
-    )
-    p.add_argument(
+    ppl.add_argument(
         "--seqlen",
         type=int,
-        help=f"window length; default min({DEFAULT_SEQLEN}, the model's max_position_embeddings)",
+        help=f"window length (default: min({DEFAULT_SEQLEN}, the model's max_position_embeddings))",
     )
-    p.add_argument("--max-tokens", type=int, help="use only the first N test tokens")
-    p.add_argument(
+    ppl.add_argument("--max-tokens", type=int, help="use only the first N test tokens")
+    ppl.add_argument(
         "--batch-size",
         type=int,
         default=1,
         help="perplexity windows per step; zero-shot: HFLM requests per step, or for the "
         "minillm class units of 1,024 input tokens packed per forward",
     )
-    p.add_argument(
-        "--tasks", default="", help=f"comma-separated zero-shot tasks: {','.join(TASKS)} or 'all'"
-    )
-    p.add_argument(
+    z = p.add_argument_group("zero-shot")
+    z.add_argument("--tasks", default="", help=f"comma-separated tasks: {','.join(TASKS)} or 'all'")
+    z.add_argument(
         "--task-data-dir",
-        help="directory with <task>.jsonl files (rows in the hub "
-        "dataset's format) instead of the hub",
+        help="directory with <task>.jsonl files (rows in the hub dataset's format) instead of "
+        "the hub",
     )
-    p.add_argument("--limit", type=int, help="at most N examples per zero-shot task")
-    p.add_argument(
+    z.add_argument("--limit", type=int, help="at most N examples per task")
+    z.add_argument(
         "--lm-eval-model",
         default="minillm",
         choices=LM_CLASSES,
         help="lm-eval model class: 'minillm' (each question's context runs once for all its "
-        "choices; default) or 'hf' (lm-eval's HFLM, one forward per choice)",
+        "choices) or 'hf' (lm-eval's HFLM, one forward per choice)",
     )
-    p.add_argument("--generate", action="store_true", help="print greedy and sampled samples")
-    p.add_argument(
+    g = p.add_argument_group("samples and speed")
+    g.add_argument("--generate", action="store_true", help="print greedy and sampled samples")
+    g.add_argument(
         "--prompt",
         action="append",
         default=[],
         dest="prompts",
         help="prompt for --generate (repeatable; default: three built-in prompts)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument(
+    g.add_argument("--max-new-tokens", type=int, default=48, help="--generate: tokens")
+    g.add_argument(
         "--speed", action="store_true", help="tokens/s at batch 1 and 16, and memory (bytes)"
     )
-    p.add_argument(
+    g.add_argument(
         "--speed-reference",
         nargs="?",
         const=BASE,
@@ -160,23 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="--speed also times this dense model, interleaved; without MODEL, the base model "
         "named in the pruned directory's report.json",
     )
-    p.add_argument(
+    g.add_argument(
         "--speed-tokens",
         default="128,32",
         metavar="PROMPT,NEW",
         help="--speed: prompt tokens per sequence, decoded tokens after it",
     )
-    p.add_argument("--json", help="write the results as JSON to this path")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or logs on stderr")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    return p
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="FILE.json", help="also write the results as JSON here")
+    o.add_argument("--quiet", action="store_true", help="no progress bars or logs on stderr")
+    o.add_argument("--seed", type=int, default=0, help="sampled generations")
 
 
-def parse_config(argv: list[str] | None = None) -> EvalConfig:
+def parse_config(argv: list[str] | None, prog: str) -> EvalConfig:
     """Parse and validate flags; argparse exits with a one-line error on bad input."""
-    parser = build_parser()
+    parser = cli.parser(prog, __doc__)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     if tasks == ["all"]:
@@ -185,21 +179,12 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         check_tasks(tasks)
     except ValueError as err:
         parser.error(f"--tasks: {err}")
-    datasets = [d for d in (args.datasets or "").split(",") if d]
-    for name in datasets:
-        if name not in eval_text_names():
+    for text in args.texts:
+        if not (os.path.exists(text) or text in eval_text_names()):
             parser.error(
-                f"--datasets: unknown corpus {name}; valid: {', '.join(eval_text_names())}"
+                f"--text: no such file or directory '{text}' (or one of "
+                f"{', '.join(eval_text_names())})"
             )
-    for flag, paths, check in (
-        ("--data-file", args.data_file, os.path.isfile),
-        ("--data-dir", args.data_dir, os.path.isdir),
-    ):
-        for path in paths:
-            if not check(path):
-                parser.error(
-                    f"{flag}: no such {'file' if flag == '--data-file' else 'directory'} '{path}'"
-                )
     if args.task_data_dir is not None:
         if not os.path.isdir(args.task_data_dir):
             parser.error(f"--task-data-dir: no such directory '{args.task_data_dir}'")
@@ -220,15 +205,11 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         parser.error(f"--speed-tokens: '{args.speed_tokens}' is not PROMPT,NEW (integers >= 1)")
     if args.speed_reference is not None and not args.speed:
         parser.error("--speed-reference: needs --speed")
-    nothing_asked = not (
-        datasets or args.data_file or args.data_dir or tasks or args.generate or args.speed
-    )
+    nothing_asked = not (args.texts or tasks or args.generate or args.speed)
     return EvalConfig(
         model=args.model,
         gguf_file=args.gguf_file,
-        datasets=["wikitext2"] if nothing_asked else datasets,
-        data_files=args.data_file,
-        data_dirs=args.data_dir,
+        texts=["wikitext2"] if nothing_asked else args.texts,
         seqlen=args.seqlen,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
@@ -242,9 +223,9 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         speed=args.speed,
         speed_reference=args.speed_reference,
         speed_tokens=speed_tokens,
-        json=args.json,
+        out=args.out,
         quiet=args.quiet,
-        device=args.device,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         dtype=args.dtype,
         seed=args.seed,
     )
@@ -266,8 +247,7 @@ def default_seqlen(model: torch.nn.Module) -> int:
 def evaluate(cfg: EvalConfig, model: torch.nn.Module, tokenizer) -> dict:
     """Run what ``cfg`` asks on a loaded model; returns the JSON-ready results dict."""
     results: dict = {}
-    corpora = [(n, n) for n in cfg.datasets]
-    corpora += [(corpus_name(p), p) for p in cfg.data_files + cfg.data_dirs]
+    corpora = [(t if t in eval_text_names() else corpus_name(t), t) for t in cfg.texts]
     seqlen = cfg.seqlen or default_seqlen(model)
     for name, source in corpora:
         ids = tokenize_text(tokenizer, load_eval_text(source), cfg.max_tokens)
@@ -393,8 +373,10 @@ def quiet_stderr():
         os.close(devnull)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m minillm.eval") -> int:
+    cfg = parse_config(argv, prog)
+    if cli.environment_error(prog):
+        return 2
     if cfg.quiet:
         silence_progress()
     from minillm.model.loading import load_model
@@ -405,11 +387,10 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer = load_model(cfg.model, cfg.gguf_file, cfg.dtype, cfg.device)
             results = evaluate(cfg, model, tokenizer)
     except (FileNotFoundError, ValueError) as err:
-        print(f"python -m minillm.eval: error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail(prog, err)
     print(format_table(results))
-    if cfg.json:
-        write_json_atomic(cfg.json, {"config": dataclasses.asdict(cfg), **results})
+    if cfg.out:
+        write_json_atomic(cfg.out, {"config": dataclasses.asdict(cfg), **results})
     return 0
 
 

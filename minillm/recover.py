@@ -657,7 +657,7 @@ def load_teacher(cfg: RecoverConfig, gguf_file: str | None, vocab_size: int, dty
 
 def run(cfg: RecoverConfig, teacher_gguf_file: str | None = None) -> dict:
     """Load, train LoRA, merge and save into ``cfg.out``; returns the report written there."""
-    from minillm.model.io import atomic_output_dir, save_pruned
+    from minillm.model.io import atomic_output_dir, write_pruned
     from minillm.model.loading import load_model
 
     validate(cfg)
@@ -695,7 +695,7 @@ def run(cfg: RecoverConfig, teacher_gguf_file: str | None = None) -> dict:
         "cpu_time_s": time.process_time() - start_cpu,  # all threads of this process
     }
     with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
-        save_pruned(merged, tokenizer, tmp)
+        write_pruned(merged, tokenizer, tmp, report)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if cfg.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

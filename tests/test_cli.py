@@ -14,14 +14,17 @@ from minillm.scoring.allocation import parse_layers
 
 
 def run_cli(*args: str) -> int:
-    return main([*map(str, args), "--quiet"])
+    """The exit status of the prune command (argparse's rejections exit with 2)."""
+    try:
+        return main([*map(str, args), "--quiet"])
+    except SystemExit as exit_:
+        return exit_.code
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "bloom"])
 def test_cli_prunes_and_result_reloads_in_a_fresh_process(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
     rc = run_cli(
-        "--model",
         tiny_model_dir,
         "--criterion",
         "magnitude",
@@ -55,7 +58,6 @@ def test_cli_ratio_removes_that_fraction_of_prunable_parameters(tiny_model_dir, 
     out = tmp_path / "pruned"
     assert (
         run_cli(
-            "--model",
             tiny_model_dir,
             "--criterion",
             "random",
@@ -92,7 +94,7 @@ def test_default_layers_leave_first_and_last_dense():
 @pytest.mark.parametrize("family", ["llama-mha"])
 def test_ratio_out_of_range_is_refused(tiny_model_dir, tmp_path, capsys, ratio):
     out = tmp_path / "out"
-    assert run_cli("--model", tiny_model_dir, "--ratio", ratio, "--out", out) == 2
+    assert run_cli(tiny_model_dir, "--ratio", ratio, "--out", out) == 2
     assert "--ratio" in capsys.readouterr().err
     assert not out.exists()
 
@@ -102,7 +104,7 @@ def test_non_empty_output_directory_is_refused(tiny_model_dir, tmp_path, capsys)
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    assert run_cli("--model", tiny_model_dir, "--criterion", "magnitude", "--out", out) == 2
+    assert run_cli(tiny_model_dir, "--criterion", "magnitude", "--out", out) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
@@ -110,7 +112,7 @@ def test_non_empty_output_directory_is_refused(tiny_model_dir, tmp_path, capsys)
 @pytest.mark.parametrize("family", ["llama-mha"])
 def test_missing_gguf_file_is_named(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = run_cli("--model", tiny_model_dir, "--gguf-file", "missing.gguf", "--out", out)
+    rc = run_cli(tiny_model_dir, "--gguf-file", "missing.gguf", "--out", out)
     assert rc == 2
     assert "--gguf-file: no such file" in capsys.readouterr().err
     assert not out.exists()
@@ -125,7 +127,7 @@ def test_unknown_architecture_is_refused(tmp_path, capsys):
     )
     tiny_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "out"
-    assert run_cli("--model", model_dir, "--criterion", "magnitude", "--out", out) == 2
+    assert run_cli(model_dir, "--criterion", "magnitude", "--out", out) == 2
     assert "unsupported architecture 'gpt2'" in capsys.readouterr().err
     assert not out.exists()
 
@@ -135,7 +137,7 @@ def test_bad_dtype_and_missing_calibration_file_are_named(tmp_path, capsys, flag
     model_dir = tmp_path / "m"
     make_tiny_model("llama-mha").save_pretrained(model_dir)
     out = tmp_path / "out"
-    assert run_cli("--model", model_dir, flag, value, "--out", out) == 2
+    assert run_cli(model_dir, flag, value, "--out", out) == 2
     assert flag in capsys.readouterr().err
     assert not out.exists()
 
@@ -148,7 +150,6 @@ def test_every_data_criterion_prunes_from_a_calibration_file(
     out = tmp_path / "pruned"
     extra = ["--compensate"] if criterion == "flap" else []
     rc = run_cli(
-        "--model",
         tiny_model_dir,
         "--criterion",
         criterion,
@@ -186,7 +187,7 @@ def test_reconstruct_output_reloads_with_refit_biases(tiny_model_dir, calib_file
     from minillm.model.adapters import adapter_for
 
     out = tmp_path / "pruned"
-    args = ["--model", tiny_model_dir, "--criterion", "wanda-sp", "--calib", calib_file]
+    args = [tiny_model_dir, "--criterion", "wanda-sp", "--calib", calib_file]
     args += ["--nsamples", "6", "--seqlen", "16", "--layers", "1-2", "--ratio", "0.3"]
     assert run_cli(*args, "--reconstruct", "--out", out) == 0
     model = minillm.load_pruned(out)
@@ -208,8 +209,6 @@ def test_reconstruct_output_reloads_with_refit_biases(tiny_model_dir, calib_file
 
 @pytest.mark.parametrize("family", ["llama-gqa"])
 def test_compensate_with_reconstruct_is_refused(tiny_model_dir, tmp_path, capsys):
-    rc = run_cli(
-        "--model", tiny_model_dir, "--reconstruct", "--compensate", "--out", tmp_path / "o"
-    )
+    rc = run_cli(tiny_model_dir, "--reconstruct", "--compensate", "--out", tmp_path / "o")
     assert rc == 2
     assert "--compensate" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def test_eval_json_has_metrics_as_keys_and_matches_library_perplexity(model_dir,
     out = tmp_path / "res.json"
     argv = [
         str(model_dir),
-        "--data-dir",
+        "--text",
         str(tmp_path / "corpus"),
         "--seqlen",
         "64",
@@ -44,7 +44,7 @@ def test_eval_json_has_metrics_as_keys_and_matches_library_perplexity(model_dir,
         "--max-new-tokens",
         "4",
         "--speed",
-        "--json",
+        "--out",
         str(out),
         "--quiet",
     ]
@@ -67,9 +67,8 @@ def test_eval_json_has_metrics_as_keys_and_matches_library_perplexity(model_dir,
     "argv, message",
     [
         (["--tasks", "piqa,lambada"], "--tasks: unknown task(s) lambada; valid: boolq, piqa"),
-        (["--data-file", "nope.txt"], "--data-file: no such file 'nope.txt'"),
-        (["--data-dir", "nope"], "--data-dir: no such directory 'nope'"),
-        (["--datasets", "imagenet"], "--datasets: unknown corpus imagenet; valid: c4, ptb"),
+        (["--text", "nope.txt"], "--text: no such file or directory 'nope.txt' (or one of c4"),
+        (["--text", "imagenet"], "--text: no such file or directory 'imagenet' (or one of c4"),
         (["--seqlen", "0"], "--seqlen: must be >= 1"),
     ],
 )
@@ -97,7 +96,7 @@ def test_eval_loads_non_uniform_pruned_model(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "res.json"
-    argv = [str(tmp_path), "--data-file", str(text), "--seqlen", "64", "--json", str(out)]
+    argv = [str(tmp_path), "--text", str(text), "--seqlen", "64", "--out", str(out)]
     assert main([*argv, "--quiet"]) == 0
     ids = byte_tokenizer()(TEXT, return_tensors="pt").input_ids
     expected = perplexity_stats(model, ids, 64).ppl

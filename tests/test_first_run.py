@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from conftest import make_tiny_model, tiny_tokenizer
 
 import minillm
+from minillm.config import HELDOUT_TEXT, PROMPT
 from minillm.eval import main as eval_main
-from minillm.evaluation.perplexity import HELDOUT_TEXT
-from minillm.prune import PROMPT, PROMPT_TOKENS, main
+from minillm.prune import main
+from minillm.run import PROMPT_TOKENS
 
 TASK_DATA = Path(__file__).parent / "data" / "zeroshot"
 
@@ -45,7 +46,7 @@ def pruned(tmp_path_factory):
     make_tiny_model("llama-gqa").save_pretrained(dense_dir)
     tiny_tokenizer().save_pretrained(dense_dir)
     out = tmp_path / "pruned"
-    argv = ["--model", str(dense_dir), "--criterion", "magnitude", "--ratio", "0.4"]
+    argv = [str(dense_dir), "--criterion", "magnitude", "--ratio", "0.4"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main([*argv, "--layers", "0-2", "--prompt", "w5 w9 w1", "--out", str(out)]) == 0
@@ -99,7 +100,7 @@ def test_eval_text_and_prompt_can_be_skipped(tmp_path, capsys):
     dense_dir = tmp_path / "dense"
     make_tiny_model("opt").save_pretrained(dense_dir)
     tiny_tokenizer().save_pretrained(dense_dir)
-    argv = ["--model", str(dense_dir), "--criterion", "magnitude", "--eval-text", "none"]
+    argv = [str(dense_dir), "--criterion", "magnitude", "--eval-text", "none"]
     assert main([*argv, "--prompt", "", "--out", str(tmp_path / "o"), "--quiet"]) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["ppl_before"] is None and report["generation"] is None
@@ -120,7 +121,7 @@ def test_quiet_prints_no_progress_bar(tmp_path, capfd):
     assert eval_main([*argv, "--task-data-dir", str(TASK_DATA)]) == 0
     out, err = capfd.readouterr()
     assert err == "" and "piqa" in out
-    argv = ["--model", str(dense_dir), "--criterion", "magnitude", "--quiet"]
+    argv = [str(dense_dir), "--criterion", "magnitude", "--quiet"]
     assert main([*argv, "--out", str(tmp_path / "o")]) == 0
     out, err = capfd.readouterr()
     assert err == "" and "perplexity" in out

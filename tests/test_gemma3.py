@@ -107,7 +107,7 @@ def test_cli_prunes_gemma3_from_a_calibration_file(
     from minillm.prune import main
 
     out = tmp_path / "pruned"
-    args = ["--model", tiny_model_dir, "--criterion", criterion, "--calib", calib_file]
+    args = [tiny_model_dir, "--criterion", criterion, "--calib", calib_file]
     args += ["--nsamples", "4", "--seqlen", "16", "--layers", "0-2", "--ratio", "0.3"]
     args += ["--out", out, "--quiet"] + (["--compensate"] if criterion == "flap" else [])
     assert main([str(a) for a in args]) == 0
@@ -129,7 +129,7 @@ def test_real_gemma3_270m_prunes_reloads_and_generates(tmp_path):
 
     gguf_path = importlib.import_module(GEMMA_PACKAGE).assemble()
     out = tmp_path / "gemma3-pruned"
-    args = ["--model", str(gguf_path.parent), "--gguf-file", gguf_path.name, "--quiet"]
+    args = [str(gguf_path.parent), "--gguf-file", gguf_path.name, "--quiet"]
     args += ["--criterion", "magnitude", "--ratio", "0.2", "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())

@@ -75,7 +75,7 @@ def test_saved_weights_are_safetensors_only(tmp_path):
     prune_randomly(model, uniform=False)
     save_pruned(model, None, tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"config.json", "model.safetensors", "modeling_minillm.py"}
+    assert names == {"config.json", "model.safetensors", "modeling_minillm.py", "README.md"}
     layers = json.loads((tmp_path / "config.json").read_text())["minillm"]["layers"]
     assert [rec["channels"] for rec in layers] == [93, 88, 83]
 
@@ -99,13 +99,34 @@ def test_non_empty_output_is_refused_unless_overwrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["new.txt"]
 
 
-def test_biases_added_after_loading_survive_the_round_trip(token_batch, tmp_path):
-    """FLAP compensation adds biases LLaMA has none of: the output must not load as plain
-    LLaMA (it would drop them) and load_pruned must restore them."""
+def test_added_biases_of_a_uniform_llama_load_in_stock_transformers(token_batch, tmp_path):
+    """The refit adds down_proj/o_proj biases LLaMA has none of: a uniform output says so with
+    mlp_bias/attention_bias (zero biases for the other linears they give one) and loads in
+    stock transformers, without remote code, with the same logits."""
     model = make_tiny_model("llama-gqa")
     adapter = adapter_for(model)
     for layer in range(3):
         prune_layer(model, adapter, layer, None, torch.arange(0, 96, 2))
+    down = model.model.layers[1].mlp.down_proj
+    down.bias = torch.nn.Parameter(torch.randn(down.out_features))
+    config = save_pruned(model, None, tmp_path)
+    assert config["model_type"] == "llama" and config["mlp_bias"] is True
+    assert "attention_bias" not in config or config["attention_bias"] is False
+    assert "auto_map" not in config and not (tmp_path / "modeling_minillm.py").exists()
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not stock.model.layers[0].mlp.up_proj.bias.any()  # zeros where none was added
+    torch.testing.assert_close(logits(stock, token_batch), logits(model, token_batch))
+    torch.testing.assert_close(
+        logits(load_pruned(tmp_path), token_batch), logits(model, token_batch)
+    )
+
+
+def test_biases_of_per_layer_sizes_survive_the_round_trip(token_batch, tmp_path):
+    """Layers of different sizes need remote code; load_pruned restores the added biases."""
+    model = make_tiny_model("llama-gqa")
+    adapter = adapter_for(model)
+    for layer in range(3):
+        prune_layer(model, adapter, layer, None, torch.arange(0, 96 - 8 * layer))
     down = model.model.layers[1].mlp.down_proj
     down.bias = torch.nn.Parameter(torch.randn(down.out_features))
     assert save_pruned(model, None, tmp_path)["model_type"] == PRUNED_MODEL_TYPE

@@ -101,7 +101,7 @@ def loaded(tmp_path_factory):
     tiny_tokenizer().save_pretrained(dense_dir)
     calib = root / "calib.txt"
     calib.write_text(" ".join(f"w{i % 120}" for i in range(3000)))
-    argv = ["--model", str(dense_dir), "--criterion", "flap", "--compensate", "--calib"]
+    argv = [str(dense_dir), "--criterion", "flap", "--compensate", "--calib"]
     argv += [str(calib), "--nsamples", "4", "--seqlen", "32", "--out", dirs["flap-cli"]]
     assert prune_main([*argv, "--quiet"]) == 0
     configs["flap-cli"] = json.loads(Path(dirs["flap-cli"], "config.json").read_text())

@@ -85,7 +85,7 @@ def test_round_to_spec_parses_both_forms():
 @pytest.mark.parametrize("family", ["llama-gqa"])
 def test_cli_round_to_keeps_multiples_in_every_pruned_layer(tiny_model_dir, tmp_path):
     out = tmp_path / "pruned"
-    argv = ["--model", str(tiny_model_dir), "--criterion", "magnitude", "--ratio", "0.37"]
+    argv = [str(tiny_model_dir), "--criterion", "magnitude", "--ratio", "0.37"]
     argv += ["--layers", "0-2", "--round-to", "heads=2,channels=8", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     layers = json.loads((out / "report.json").read_text())["layers"]
@@ -103,8 +103,8 @@ def test_cli_round_to_keeps_multiples_in_every_pruned_layer(tiny_model_dir, tmp_
     ],
 )
 def test_bad_round_to_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, spec, message):
-    argv = ["--model", str(tiny_model_dir), "--criterion", "magnitude", "--layers", "0-2"]
+    argv = [str(tiny_model_dir), "--criterion", "magnitude", "--layers", "0-2"]
     assert main([*argv, "--round-to", spec, "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {message}") and "\n" not in err
+    assert err.startswith(f"python -m minillm.prune: error: {message}") and "\n" not in err
     assert not (tmp_path / "o").exists()

@@ -89,12 +89,13 @@ def test_out_whose_parent_cannot_be_written_is_named(tiny_model_dir, tmp_path, c
     model_dir = tiny_model_dir
     (tmp_path / "a-file").write_text("not a directory")
     rc = main(
-        ["--model", str(model_dir), "--criterion", "magnitude"]
+        [str(model_dir), "--criterion", "magnitude"]
         + ["--out", str(tmp_path / "a-file" / "out"), "--quiet"]
     )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
-    assert err.startswith("error: --out: cannot create") and ".tmp-" not in err
+    assert err.startswith("python -m minillm.prune: error: --out: cannot create")
+    assert ".tmp-" not in err
     assert "a-file' is not a writable directory" in err
 
 

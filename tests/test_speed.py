@@ -16,11 +16,11 @@ KEYS = {f"{p}_tokens_per_s_b{b}" for p in ("prefill", "decode") for b in (1, 16)
 @pytest.mark.parametrize("family", ["llama-gqa"])
 def test_speed_reference_is_the_recorded_base_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
-    argv = ["--model", str(tiny_model_dir), "--criterion", "magnitude", "--ratio", "0.5"]
+    argv = [str(tiny_model_dir), "--criterion", "magnitude", "--ratio", "0.5"]
     assert prune_main([*argv, "--layers", "0-2", "--out", str(out), "--quiet"]) == 0
     res_file = tmp_path / "res.json"
     argv = [str(out), "--speed", "--speed-reference", "--speed-tokens", "8,4", "--quiet"]
-    argv += ["--json", str(res_file)]
+    argv += ["--out", str(res_file)]
     assert eval_main(argv) == 0
     res = json.loads(res_file.read_text())
     dense = make_tiny_model("llama-gqa")

@@ -3,8 +3,9 @@ input statistics (with ``--reconstruct``, each consumer's Gram matrix; with exac
 each block's weight gradients before they are reduced into scores), so every rank scores,
 allocates and refits the same units; only rank 0 writes.
 
-Launched by ``torchrun --nproc-per-node N -m minillm.prune --offload ...`` (the environment
-holds ``WORLD_SIZE``/``RANK``); gloo on CPU, NCCL on CUDA. Statistics are sums over tokens,
+Launched by ``torchrun --nproc-per-node N -m minillm.prune ...`` (the environment holds
+``WORLD_SIZE``/``RANK``), the model resident on every rank or streamed (``--offload``); gloo on
+CPU, NCCL on CUDA. Statistics are sums over tokens,
 so the reduced ones equal one process's up to the order of floating-point additions.
 """
 
@@ -55,6 +56,16 @@ def total_count(n: int) -> int:
         count = count.cuda()
     dist.all_reduce(count)
     return int(count.item())
+
+
+def broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank (``t`` itself in one process): calibration text that rank
+    0 wrote. Every rank passes a tensor of the same shape and dtype."""
+    if _alone():
+        return t
+    moved = t.cuda() if dist.get_backend() == "nccl" else t
+    dist.broadcast(moved, src=0)
+    return moved.to(t.device)
 
 
 def all_reduce_sum(t: torch.Tensor) -> None:

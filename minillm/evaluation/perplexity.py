@@ -3,6 +3,8 @@
 The test split is joined into one token stream, cut into non-overlapping windows of ``seqlen``
 tokens (the remainder is dropped), and every window is scored independently: perplexity is
 ``exp(mean NLL)`` over all tokens predicted inside the windows (``seqlen - 1`` per window).
+:func:`perplexity_stats` runs the whole model; :func:`perplexity_by_blocks` runs the windows
+through the block loop, so a model streamed from its checkpoint is measured the same way.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from minillm.blocks.loop import BlockSource, capture, resident, sweep
 from minillm.data import read_text
-
-# the default --eval-text of ``python -m minillm.prune``: shipped in minillm/texts/, CC BY-SA 3.0
-HELDOUT_TEXT = Path(__file__).parent.parent / "texts" / "wikitext2_test_excerpt.txt"
+from minillm.model.adapters import adapter_for
+from minillm.model.lm_loss import chunked_lm_loss
 
 # name -> (datasets path, config, split per purpose, text field, joiner)
 _HUB_DATASETS = {
@@ -167,3 +169,30 @@ def perplexity(
 ) -> float:
     """``exp`` of the mean next-token NLL over non-overlapping ``seqlen`` windows (see module)."""
     return perplexity_stats(model, input_ids, seqlen, max_tokens, batch_size, progress).ppl
+
+
+@torch.no_grad()
+def perplexity_by_blocks(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    seqlen: int,
+    source: BlockSource | None = None,
+) -> float:
+    """:func:`perplexity` computed one decoder block at a time (the windows' hidden states,
+    ``windows * seqlen * hidden`` values, are what stays resident), the LM head applied a few
+    positions at a time. ``source``: blocks loaded and released one at a time, as in
+    :mod:`minillm.blocks.loop`; None when the model is resident."""
+    ids = input_ids.reshape(-1)
+    if ids.numel() < 2:
+        raise ValueError(f"need at least 2 tokens to compute perplexity, got {ids.numel()}")
+    seqlen = min(seqlen, ids.numel())
+    windows = ids[: ids.numel() // seqlen * seqlen].view(-1, seqlen)
+    adapter = adapter_for(model)
+    boundary = capture(model, adapter, windows, 1, source)
+    boundary = sweep(model, adapter, boundary, range(len(adapter.layers(model))), source=source)
+    nll_sum = 0.0
+    with resident(source, "head"):
+        norm = adapter.final_norm(model)
+        for h, window in zip(boundary.hidden, boundary.tokens, strict=True):
+            nll_sum += float(chunked_lm_loss(model, norm(h), window).sum()) * (seqlen - 1)
+    return math.exp(nll_sum / (windows.shape[0] * (seqlen - 1)))

@@ -1,13 +1,17 @@
 """Saving and reloading pruned models: safetensors only, written atomically.
 
-A uniformly pruned model whose sizes plain transformers can express gets a plain config
-(loadable by ``AutoModelForCausalLM.from_pretrained``) plus a ``minillm`` entry with the
-per-layer records. Any other pruned model gets the dense config with ``"model_type":
+A pruned model whose sizes plain transformers can express (every layer the same sizes, as
+``--uniform`` gives) gets a plain config that ``AutoModelForCausalLM.from_pretrained`` loads,
+plus a ``minillm`` entry with the per-layer records. Biases the refit added to o_proj/down_proj
+are expressed through the family's config flags (LLaMA's ``attention_bias``/``mlp_bias``,
+:attr:`~minillm.model.adapters.base.Adapter.bias_flags`), with zero biases saved for the other
+linears the flag gives one. Any other pruned model gets the dense config with ``"model_type":
 "minillm_pruned"`` and ``minillm.base_model_type``, one record per layer (kept ``heads``,
 ``kv_heads``, ``channels`` and the original ``head_ids`` of surviving heads) and the linears
 with added ``biases``; ``modeling_minillm.py`` is copied beside it and named in ``auto_map``,
 so stock ``from_pretrained(DIR, trust_remote_code=True)`` loads it without minillm, and
-``load_pruned`` rebuilds it with minillm's own surgery.
+``load_pruned`` rebuilds it with minillm's own surgery. Every output holds a model card
+(``README.md``, :mod:`minillm.model.card`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from minillm.model import modeling_minillm
 from minillm.model.adapters import adapter_for
+from minillm.model.card import model_card
 from minillm.model.dtypes import parse_dtype
 from minillm.model.shards import DEFAULT_SHARD_BYTES, check_shards, load_sharded, save_sharded
 from minillm.model.surgery import layer_records, resize_to_records
@@ -117,10 +122,30 @@ def _reference_shapes(config: dict) -> dict[str, torch.Size] | None:
     return {k: v.shape for k, v in _untied_state_dict(reference).items()}
 
 
-def _plain_matches(config: dict, state: dict[str, torch.Tensor]) -> bool:
-    """Whether plain transformers builds exactly these tensors from ``config``: catches
-    configs it rejects and tensors it lacks (e.g. biases added by FLAP compensation)."""
-    return _reference_shapes(config) == {k: v.shape for k, v in state.items()}
+def _plain_state(
+    config: dict, state: dict[str, torch.Tensor], bias_flags: dict[str, str]
+) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """``(config, state)`` that plain transformers builds exactly, or None.
+
+    ``config`` is tried as it is, then with the bias flags of the module paths that hold
+    biases plain transformers lacks (turned on, and zero biases added for the other linears
+    they give one). None where it rejects the config or the tensors still differ."""
+    reference = _reference_shapes(config)
+    if reference is None:
+        return None
+    added = [k for k in state if k.endswith(".bias") and k not in reference]
+    flags = {f: True for f, path in bias_flags.items() if any(path in k for k in added)}
+    if flags:
+        config = {**config, **flags}
+        reference = _reference_shapes(config) or {}
+        state = dict(state)
+        for key in reference.keys() - state.keys():
+            if key.endswith(".bias"):
+                weight = state[key.removesuffix("bias") + "weight"]
+                state[key] = weight.new_zeros(reference[key])
+    if reference != {k: v.shape for k, v in state.items()}:
+        return None
+    return config, state
 
 
 def _remote_code_config(base: dict, records: list[dict], state: dict) -> dict:
@@ -160,16 +185,19 @@ def _add_missing_biases(model: PreTrainedModel, state: dict[str, torch.Tensor]) 
             module.bias = torch.nn.Parameter(torch.zeros_like(value))
 
 
-def save_pruned(
+def write_pruned(
     model: PreTrainedModel,
     tokenizer,
     out_dir: str | os.PathLike,
+    report: dict | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     write_weights: bool = True,
 ) -> dict:
-    """Write config.json, the weights (:mod:`minillm.model.shards`: ``model.safetensors``, or shards
-    of at most ``max_shard_bytes`` plus an index) and the tokenizer into ``out_dir``.
-    ``write_weights=False``: the caller wrote them (a streamed run; ``model`` may be on meta).
+    """Write config.json, the weights (:mod:`minillm.model.shards`: ``model.safetensors``, or
+    shards of at most ``max_shard_bytes`` plus an index), the tokenizer and the model card into
+    the existing directory ``out_dir``. ``write_weights=False``: the caller wrote them (a
+    streamed run; ``model`` may be on meta); then biases the refit added make the output
+    ``minillm_pruned``, since the zero biases of a plain form were not written.
 
     Returns the config dict that was written (see module docstring for its two forms).
     """
@@ -179,8 +207,11 @@ def save_pruned(
     base = _base_config(model)
     state = _untied_state_dict(model)
     plain = adapter.plain_config(model.config, records)
-    if plain is not None and _plain_matches({**base, **plain}, state):
-        config = {**base, **plain, "minillm": {"layers": records}}
+    flags = adapter.bias_flags if write_weights else {}  # written already: no zero biases
+    found = None if plain is None else _plain_state({**base, **plain}, state, flags)
+    if found is not None:
+        config, state = found
+        config["minillm"] = {"layers": records}
     else:
         config = _remote_code_config(base, records, state)
         shutil.copyfile(modeling_minillm.__file__, out_dir / MODELING_FILE)
@@ -189,7 +220,26 @@ def save_pruned(
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(model_card(config, report))
     return config
+
+
+def save_pruned(
+    model: PreTrainedModel,
+    tokenizer,
+    path: str | os.PathLike,
+    report: dict | None = None,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
+    """Save a pruned model (and ``tokenizer``, if given) into the new or empty directory
+    ``path``, atomically (:func:`write_pruned` into a temporary sibling, then renamed).
+    ``report``: what :func:`minillm.prune_model` returned, for the model card.
+
+    Returns the config dict that was written."""
+    with atomic_output_dir(path, overwrite) as tmp:
+        return write_pruned(model, tokenizer, tmp, report, max_shard_bytes)
 
 
 def load_pruned(

@@ -73,6 +73,9 @@ class Adapter:
     # block 0's keyword arguments cannot be replayed for every block: the block loop records
     # each block's own (minillm.blocks.loop.capture)
     per_layer_block_kwargs: bool = False
+    # config flags that give every linear under a module path a bias (LLaMA's attention_bias
+    # and mlp_bias): how a plain config expresses biases the refit added (model.io)
+    bias_flags: dict[str, str] = {}
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError

@@ -17,6 +17,7 @@ from minillm.model.adapters.base import Adapter, Block, Group, same_sizes
 class LlamaAdapter(Adapter):
     name = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
+    bias_flags = {"attention_bias": ".self_attn.", "mlp_bias": ".mlp."}
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
