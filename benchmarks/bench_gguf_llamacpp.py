@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from minillm.evaluation.perplexity import load_eval_text, perplexity_stats, tokenize_text
-from minillm.export import export_gguf
+from minillm.model.gguf_export import export_gguf
 from minillm.model.loading import load_model
 
 

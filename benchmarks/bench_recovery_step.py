@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from minillm.model.loading import load_model
-from minillm.recover import RecoverConfig, add_lora, teacher_targets, train
+from minillm.recovery.config import RecoverConfig
+from minillm.recovery.teacher import teacher_targets
+from minillm.recovery.train import add_lora, train
 
 
 def seconds_per_step(

@@ -74,9 +74,7 @@ def prune_model(
     """
     unknown = sorted(set(options) - option_names())
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)}; valid: the fields of PruneConfig"
-        )
+        raise ValueError(f"unknown options {', '.join(unknown)}: valid are PruneConfig's fields")
     cfg = PruneConfig(ratio=ratio, **options)
     check(cfg)
     tokens = calibration_tokens(calibration, tokenizer, cfg, model)

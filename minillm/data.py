@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minillm.recovery_loss import teacher_topk
+from minillm.recovery.loss import teacher_topk
 
 HUB_CALIBRATION = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text"),

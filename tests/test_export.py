@@ -12,8 +12,9 @@ import torch
 from conftest import make_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from minillm.export import export_gguf, main
+from minillm.export import main
 from minillm.model.adapters import adapter_for
+from minillm.model.gguf_export import export_gguf
 from minillm.model.io import save_pruned
 from minillm.model.surgery import first_units, layer_records, prune_layer
 
@@ -180,7 +181,7 @@ def test_added_biases_and_linear_rope_are_written(tmp_path):
 def test_unsupported_architecture_is_refused_in_one_line(tmp_path, capsys):
     model = make_tiny_model("opt")
     out = tmp_path / "m.gguf"
-    assert main([str(saved(model, tmp_path)), "--gguf", str(out), "--quiet"]) == 2
+    assert main([str(saved(model, tmp_path)), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "cannot export a 'opt' model" in err and "load_pruned" in err
     assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".m.gguf*")) == []
@@ -190,10 +191,10 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
     model_dir = saved(tiny_llama("llama-mha"), tmp_path)
     out = tmp_path / "m.gguf"
     out.write_bytes(b"user data")
-    assert main([str(model_dir), "--gguf", str(out), "--quiet"]) == 2
+    assert main([str(model_dir), "--out", str(out), "--quiet"]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"user data"
-    assert main([str(model_dir), "--gguf", str(out), "--quiet", "--overwrite"]) == 0
+    assert main([str(model_dir), "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert fields(gguf.GGUFReader(out))["general.architecture"] == "llama"
 
 
@@ -201,7 +202,7 @@ def test_missing_tokenizer_is_refused(tmp_path, capsys):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     save_pruned(tiny_llama("llama-mha"), None, model_dir)
-    assert main([str(model_dir), "--gguf", str(tmp_path / "m.gguf"), "--quiet"]) == 2
+    assert main([str(model_dir), "--out", str(tmp_path / "m.gguf"), "--quiet"]) == 2
     assert "has no tokenizer.json" in capsys.readouterr().err
 
 
@@ -216,3 +217,10 @@ def test_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_gguf(model_dir, tmp_path / "m.gguf", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe-tokenizer.json", "model"]
+
+
+def test_the_command_offers_every_outtype_the_writer_has():
+    from minillm import export
+    from minillm.model import gguf_export
+
+    assert set(export.OUTTYPES) == set(gguf_export.OUTTYPES)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_export import VOCAB, bpe_tokenizer, prune, saved, tiny_llama
 
-from minillm.export import export_gguf
+from minillm.model.gguf_export import export_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 GGML_TYPE_F32 = 0  # KV cache in float32, so the comparison is not limited by f16 rounding

@@ -28,3 +28,20 @@ def test_repo_root_imports_transformers_kernels_and_minillm_kernels():
 def test_only_minillm_is_an_importable_package_at_the_root():
     top = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py"}
     assert top <= {"minillm", "setup.py"}
+
+
+def test_a_folder_shadowing_a_dependency_is_named_in_one_line(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    argv = [sys.executable, "-m", "minillm.prune", "--out", str(tmp_path / "out")]
+    out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert f"'{tmp_path / 'kernels'}' shadows the installed package 'kernels'" in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_requirements_are_listed():
+    from minillm.environment import missing
+
+    wanted = ["surely-not-installed-xyz>=1", "torch>=2", "triton>=3; platform_system == 'Nope'"]
+    assert missing(wanted) == ["surely-not-installed-xyz>=1"]

@@ -12,16 +12,11 @@ from _tiny_lm import byte_tokenizer, pruned_tiny, tiny_model
 from minillm.model.adapters import adapter_for
 from minillm.model.io import load_pruned, save_pruned
 from minillm.model.surgery import layer_records
-from minillm.recover import (
-    SELF_DATA_STEPS,
-    RecoverConfig,
-    add_lora,
-    main,
-    merged_float32,
-    teacher_targets,
-    total_steps,
-)
-from minillm.recovery_loss import recovery_loss, teacher_topk
+from minillm.recover import main
+from minillm.recovery.config import SELF_DATA_STEPS, RecoverConfig
+from minillm.recovery.loss import recovery_loss, teacher_topk
+from minillm.recovery.teacher import teacher_targets
+from minillm.recovery.train import add_lora, merged_float32, total_steps
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 

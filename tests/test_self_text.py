@@ -8,7 +8,7 @@ from _tiny_lm import byte_tokenizer, tiny_model
 
 import minillm.data as data
 from minillm.data import SELF_TOP_K, self_generated
-from minillm.recovery_loss import teacher_topk
+from minillm.recovery.loss import teacher_topk
 
 
 def _reference(

@@ -239,29 +239,35 @@ def test_killed_run_resumes_to_the_same_model(
 
 @pytest.mark.parametrize("family", ["opt"])
 @pytest.mark.parametrize(
-    "criterion, repair",
+    "criterion, extra",
     [
-        ("flap", "--compensate"),
-        ("flap", "--reconstruct"),
-        ("taylor", "--reconstruct"),
-        ("fms", "--reconstruct"),
+        ("flap", ("--compensate", "--offload")),
+        ("flap", ("--offload",)),  # the default repair: the refit
+        ("taylor", ("--offload",)),
+        ("fms", ("--offload",)),
+        ("flap", ()),  # in memory, every rank holding the model
+        ("wanda-sp", ()),
+        ("flap", ("--calib", "self")),  # rank 0 writes the calibration text, every rank reads it
     ],
 )
 def test_two_torchrun_processes_give_one_process_model(
-    sharded_model_dir, calib_file, tmp_path, criterion, repair
+    sharded_model_dir, calib_file, tmp_path, criterion, extra
 ):
     """Statistics, Gram matrices, (taylor) each block's weight gradients and (fms) the SPSA
-    coefficients are all-reduced."""
-    assert _prune(sharded_model_dir, calib_file, tmp_path / "one", criterion, repair) == 0
+    coefficients are all-reduced; in memory or streamed, only rank 0 writes."""
     args = [sharded_model_dir, "--criterion", criterion, "--calib", calib_file]
     args += ["--nsamples", "6", "--seqlen", "16", "--batch-size", "2", "--ratio", "0.3"]
-    args += ["--layers", "0-2", "--out", tmp_path / "two", "--quiet", repair, "--offload"]
+    args += ["--layers", "0-2", "--quiet", *extra]
+    assert main([*map(str, args), "--out", str(tmp_path / "one")]) == 0
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    subprocess.run([*launch, "-m", "minillm.prune", *map(str, args)], check=True, cwd=tmp_path)
+    two_args = [*map(str, args), "--out", str(tmp_path / "two")]
+    subprocess.run([*launch, "-m", "minillm.prune", *two_args], check=True, cwd=tmp_path)
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["world_size"] == 2 and two["calibration_tokens"] == 3 * 16
+    assert ("streamed" in two) == ("--offload" in extra)
     assert two["layers"] == one["layers"]
+    assert two["ppl_after"] == pytest.approx(one["ppl_after"], rel=1e-4)
     ref, got = shards.load_sharded(tmp_path / "one"), shards.load_sharded(tmp_path / "two")
     assert got.keys() == ref.keys()
     for name, t in ref.items():  # statistics and Grams: sums over ranks in another order
