@@ -76,7 +76,12 @@ MLP layers ``--layers``, one local ratio per layer):
 4. GQA: their graph removes whole KV groups (the K/V head and its query heads), the ratio
    counting ``k_proj`` channels in units of ``head_dim``: with 3 KV heads per layer no head goes
    below a ratio of 1/3 (``(192 - int(192 (1 - r))) // 64``), so at the 20% match LLM-Pruner
-   removes MLP channels only. That is their code's behaviour, reported as is.
+   removes MLP channels only. Worse, where the ratio asks for some ``k_proj`` channels but less
+   than one head, their ``MetaPruner.prune_local`` fails (``torch.cat(): expected a non-empty
+   list of Tensors``, ``LLMPruner/torch_pruning/pruner/algorithms/metapruner.py`` line 276)
+   instead of removing no head; for those ratios the attention layer range is passed empty
+   (``--block_attention_layer_start`` = ``--block_attention_layer_end``), which removes what
+   their code means to (no head) through their own flags.
 5. Ratio search: in their local block-wise mode the number of removed channels depends on the
    ratio only, so the count of a candidate ratio is found by running ``llama3.py`` with
    ``--pruner_type l2`` (no backward); the chosen ratio is then run with Taylor scores and its
@@ -437,12 +442,25 @@ def llm_pruner_env(args, calib: torch.Tensor, captured: dict):
                 h.close()
 
 
-def llm_pruner_argv(args, ratio: float, pruner: str) -> list[str]:
+def kv_heads_removed(ratio: float, kv_channels: int, head_dim: int) -> tuple[int, int]:
+    """(``k_proj`` channels, whole KV heads) LLM-Pruner's local block-wise step removes per
+    layer at ``ratio`` (``MetaPruner.prune_local`` with ``consecutive_groups = head_dim``)."""
+    n = kv_channels - int(kv_channels * (1 - ratio))
+    return n, n // head_dim
+
+
+def llm_pruner_argv(args, ratio: float, pruner: str, kv_channels: int, head_dim: int) -> list[str]:
+    """``llama3.py``'s arguments. Where the ratio asks for some ``k_proj`` channels but less than
+    one KV head, their ``prune_local`` fails (``torch.cat`` of an empty list,
+    ``metapruner.py`` line 276) instead of removing none: the attention layer range is then
+    left empty, which removes what their code would (no head)."""
     first, last = (int(x) for x in args.layers.split("-"))
     argv = ["--base_model", args.cache_dir, "--pruning_ratio", repr(ratio)]
     argv += ["--device", "cpu", "--eval_device", "cpu", "--block_wise"]
+    channels, heads = kv_heads_removed(ratio, kv_channels, head_dim)
     for kind in ("mlp", "attention"):
-        argv += [f"--block_{kind}_layer_start", str(first)]
+        start = last + 1 if kind == "attention" and channels > 0 and heads == 0 else first
+        argv += [f"--block_{kind}_layer_start", str(start)]
         argv += [f"--block_{kind}_layer_end", str(last + 1)]
     argv += ["--pruner_type", pruner, "--num_examples", str(args.nsamples)]
     if pruner == "taylor":
@@ -453,12 +471,22 @@ def llm_pruner_argv(args, ratio: float, pruner: str) -> list[str]:
 _RUNS = [0]
 
 
+def llm_pruner_dims(cfg) -> tuple[int, int]:
+    """(``k_proj`` output channels, head_dim) of a LLaMA config."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_key_value_heads * head_dim, head_dim
+
+
 def run_llm_pruner(args, calib: torch.Tensor, ratio: float, pruner: str) -> nn.Module:
     """A model pruned by LLM-Pruner's own ``llama3.py`` (run as a script) at ``ratio``."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(args.cache_dir)
     captured: dict = {}
     _RUNS[0] += 1
     name = f"run{_RUNS[0]}-{pruner}-{ratio:.6f}-{os.getpid()}"
-    argv = ["llama3.py", *llm_pruner_argv(args, ratio, pruner), "--save_ckpt_log_name", name]
+    argv = llm_pruner_argv(args, ratio, pruner, *llm_pruner_dims(cfg))
+    argv = ["llama3.py", *argv, "--save_ckpt_log_name", name]
     saved_argv = sys.argv
     with llm_pruner_env(args, calib, captured):
         sys.argv = argv
@@ -679,7 +707,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"LLM-Pruner taylor run: {n_params(model):,} != dry run {c:,}")
             row = {"name": "llm-pruner-official"}
             row["source"] = f"official: {LLM_PRUNER_REPO}@{LLM_PRUNER_COMMIT[:12]} llama3.py"
-            row |= {"ratio": ratio, "flags": llm_pruner_argv(args, r, "taylor")[2:]}
+            row |= {
+                "ratio": ratio,
+                "flags": llm_pruner_argv(args, r, "taylor", *llm_pruner_dims(cfg))[2:],
+            }
             row["target_params"] = target
             row |= evaluate(model, texts, args) | {"prune_s": seconds, "search_s": search}
             row["tried"] = tried

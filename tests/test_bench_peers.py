@@ -60,6 +60,22 @@ def test_match_ratio_across_a_jump():
     assert abs(c - 66_000) == min(abs(count(k / 5000) - 66_000) for k in range(5001))
 
 
+def test_llm_pruner_attention_range_is_empty_below_one_kv_head():
+    args = argparse.Namespace(
+        layers="3-27", cache_dir="m", nsamples=64, llm_pruner_taylor="param_first"
+    )
+
+    def attention_range(ratio):
+        argv = bench_peers.llm_pruner_argv(args, ratio, "taylor", 192, 64)
+        return [argv[argv.index(f"--block_attention_layer_{k}") + 1] for k in ("start", "end")]
+
+    assert bench_peers.kv_heads_removed(0.2667, 192, 64) == (52, 0)
+    assert attention_range(0.2667) == ["28", "28"]  # some channels, no whole head: crashes
+    assert attention_range(0.0) == ["3", "28"]  # no channel: their code skips the group
+    assert bench_peers.kv_heads_removed(0.5146, 192, 64) == (99, 1)
+    assert attention_range(0.5146) == ["3", "28"]
+
+
 def test_checkout_error_names_the_path_and_the_commit(tmp_path):
     missing = tmp_path / "nowhere"
     err = bench_peers.checkout_error(str(missing), "a/b", "0" * 40, ())
