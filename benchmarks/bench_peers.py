@@ -116,6 +116,7 @@ import contextlib
 import json
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 import time
@@ -514,12 +515,13 @@ def evaluate(model: nn.Module, texts: dict, args) -> dict:
     return row
 
 
-def run_ours(name: str, ratio: float, args) -> tuple[nn.Module, list[str], float]:
+def run_ours(flags: list[str], out_name: str, args) -> tuple[nn.Module, list[str], float]:
+    """``python -m minillm.prune`` (in process) with ``flags`` on our calibration: the model,
+    its flags and the wall time of the command (load, scoring, pruning, saving)."""
     from minillm import prune
     from minillm.model.loading import load_model
 
-    flags = ["--ratio", str(ratio), "--layers", args.layers, *OURS[name][1]]
-    out = Path(args.work_dir) / f"{name.split()[0]}-{ratio}"
+    out = Path(args.work_dir) / out_name
     argv = ["--model", args.cache_dir, *flags, "--calib", args.calib]
     argv += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     argv += ["--seed", str(args.seed), "--eval-text", "none", "--prompt", ""]
@@ -532,6 +534,54 @@ def run_ours(name: str, ratio: float, args) -> tuple[nn.Module, list[str], float
     seconds = time.perf_counter() - start
     model, _ = load_model(str(out))
     return model, flags, seconds
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table: per ratio, our default, then each peer's official output and our
+    re-implementation of it (and any diagnostic rows), with exact parameter counts."""
+    head = ["our ratio", "model", "source", "ratio flags", "parameters", "vs default"]
+    head += ["WikiText-2 ppl", "other-domain ppl", "pruning (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        default = next(
+            (d for d in rows if d["name"] == "default" and d["ratio"] == r["ratio"]), None
+        )
+        diff = "" if default is None or r["name"] == "dense" else r["params"] - default["params"]
+        flags = r["flags"]
+        if isinstance(flags, dict):
+            flags = [f"--{k} {v}" for k, v in flags.items() if k not in ("nsamples",)]
+        else:
+            drop = {i + 1 for i, f in enumerate(flags) if f == "--base_model"}
+            flags = [f for i, f in enumerate(flags) if f != "--base_model" and i not in drop]
+        text = " ".join(str(f) for f in flags)
+        for ugly in ("--device cpu --eval_device cpu ", "--num_examples 64 "):
+            text = text.replace(ugly, "")
+        cells = [
+            "-" if r["name"] == "dense" else f"{r['ratio']:.0%}",
+            r["name"],
+            r["source"],
+            f"`{text}`" if text else "",
+            f"{r['params']:,}",
+            "" if diff == "" else f"{diff:+,}",
+            f"{r['ppl_wikitext2']:.2f}",
+            f"{r['ppl_other']:.2f}",
+            f"{r['prune_s']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def extras(specs: list[str] | None, ratio: float) -> list[tuple[str, list[str]]]:
+    """``--extra NAME[@RATIO]=FLAGS`` entries that apply at ``ratio``: (name, flags)."""
+    out = []
+    for spec in specs or []:
+        head, sep, flags = spec.partition("=")
+        name, _, at = head.partition("@")
+        if not sep or not name or name in {"dense", *OURS, *PEERS}:
+            raise SystemExit(f"--extra: expected NAME[@RATIO]=FLAGS with a new NAME, got '{spec}'")
+        if not at or float(at) == ratio:
+            out.append((name, shlex.split(flags)))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -551,6 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="dense," + ",".join([*OURS, *PEERS]),
         help="comma-separated subset of: dense, " + ", ".join([*OURS, *PEERS]),
     )
+    p.add_argument(
+        "--extra",
+        action="append",
+        metavar="NAME[@RATIO]=FLAGS",
+        help="diagnostic row: python -m minillm.prune with FLAGS (after --layers), its --ratio "
+        "searched to match the default's count (at RATIO only, if given); repeatable",
+    )
+    p.add_argument("--extra-tries", type=int, default=4, help="runs to match a count (--extra)")
+    p.add_argument("--markdown", help="write the Markdown table here")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -651,11 +710,46 @@ def main(argv: list[str] | None = None) -> int:
             if (name, ratio) in done or (name != "default" and name not in wanted):
                 continue
             log(f"{name} @ {ratio}")
-            model, flags, seconds = run_ours(name, ratio, args)
+            flags = ["--ratio", str(ratio), "--layers", args.layers, *OURS[name][1]]
+            model, flags, seconds = run_ours(flags, f"{name}-{ratio}", args)
             row = {"name": name, "source": OURS[name][0], "ratio": ratio, "flags": flags}
             finish(row | evaluate(model, texts, args) | {"prune_s": seconds})
             del model
         target = done[("default", ratio)]["params"]
+
+        for name, flags in extras(args.extra, ratio):
+            if (name, ratio) in done:
+                continue
+            log(f"{name} @ {ratio}: target {target:,} parameters")
+            best = {}
+
+            def ours_count(r: float, best=best, flags=flags, name=name, at=ratio) -> int:
+                argv = ["--ratio", repr(r), "--layers", args.layers, *flags]
+                model, argv, seconds = run_ours(argv, f"{name}-{at}-{r:.6f}", args)
+                c = n_params(model)
+                log(f"{name} --ratio {r:.6f}: {c:,} parameters ({seconds:.0f} s)")
+                goal = done[("default", at)]["params"]
+                if not best or abs(c - goal) < abs(best["count"] - goal):
+                    best.update(model=model, count=c, flags=argv, seconds=seconds)
+                return c
+
+            start = time.perf_counter()
+            c0 = ours_count(ratio)  # our ratio counts differently with other flags: the slope
+            slope = (dense_params - c0) / ratio
+            cached = {ratio: c0}
+            _, _, tried = match_ratio(
+                lambda r, cached=cached, f=ours_count: cached[r] if r in cached else f(r),
+                target,
+                ratio,
+                slope,
+                args.extra_tries,
+            )
+            row = {"name": name, "source": "diagnostic: ours with other flags", "ratio": ratio}
+            row |= {"flags": best["flags"], "target_params": target}
+            row |= evaluate(best["model"], texts, args)
+            row |= {"prune_s": best["seconds"], "search_s": time.perf_counter() - start}
+            finish(row | {"tried": tried})
+            best.clear()
 
         if "flap-official" in wanted and ("flap-official", ratio) not in done:
             log(f"FLAP @ {ratio}: target {target:,} parameters")
@@ -717,12 +811,16 @@ def main(argv: list[str] | None = None) -> int:
             finish(row)
             del model
 
-    order = {n: i for i, n in enumerate(["dense", "default", "flap-ours", PEERS[0]])}
-    order |= {"taylor-ours": 4, PEERS[1]: 5}
+    names = ["dense", "default", PEERS[0], "flap-ours", PEERS[1], "taylor-ours"]
+    names += [n for spec in args.extra or [] for n in [spec.partition("=")[0].partition("@")[0]]]
+    order = {n: i for i, n in enumerate(dict.fromkeys(names))}
+    shown = set(wanted) | set(names[6:])
     rows = sorted(
-        (r for k, r in done.items() if k[0] in wanted),
+        (r for k, r in done.items() if k[0] in shown),
         key=lambda r: (r["ratio"], order[r["name"]]),
     )
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(rows) + "\n")
     setup = {k: v for k, v in vars(args).items() if k != "work_dir"}
     setup["peers"] = {
         FLAP_REPO: {"path": args.flap_dir, "commit": FLAP_COMMIT},

@@ -76,6 +76,18 @@ def test_llm_pruner_attention_range_is_empty_below_one_kv_head():
     assert attention_range(0.5146) == ["3", "28"]
 
 
+def test_extra_rows_parse_name_ratio_and_flags():
+    specs = ["a=--criterion flap --gqa kv", "b@0.2=--uniform --target channels"]
+    assert bench_peers.extras(specs, 0.2) == [
+        ("a", ["--criterion", "flap", "--gqa", "kv"]),
+        ("b", ["--uniform", "--target", "channels"]),
+    ]
+    assert bench_peers.extras(specs, 0.5) == [("a", ["--criterion", "flap", "--gqa", "kv"])]
+    for bad in ("default=--uniform", "no-flags"):
+        with pytest.raises(SystemExit):
+            bench_peers.extras([bad], 0.2)
+
+
 def test_checkout_error_names_the_path_and_the_commit(tmp_path):
     missing = tmp_path / "nowhere"
     err = bench_peers.checkout_error(str(missing), "a/b", "0" * 40, ())
