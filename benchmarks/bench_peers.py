@@ -437,7 +437,7 @@ def llm_pruner_env(args, calib: torch.Tensor, captured: dict):
             del cls.from_pretrained  # back to the inherited one
         else:
             cls.from_pretrained = saved[2]
-        for h in logging.getLogger().handlers:
+        for h in list(logging.getLogger().handlers):  # a copy: handlers are removed
             if h not in handlers:
                 logging.getLogger().removeHandler(h)
                 h.close()
@@ -536,6 +536,16 @@ def run_ours(flags: list[str], out_name: str, args) -> tuple[nn.Module, list[str
     return model, flags, seconds
 
 
+def _short(flag) -> str:
+    """A flag for the table: searched ratios to 6 significant digits."""
+    text = str(flag)
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return f"{value:.6g}" if "." in text else text
+
+
 def markdown(rows: list[dict]) -> str:
     """The table: per ratio, our default, then each peer's official output and our
     re-implementation of it (and any diagnostic rows), with exact parameter counts."""
@@ -549,11 +559,11 @@ def markdown(rows: list[dict]) -> str:
         diff = "" if default is None or r["name"] == "dense" else r["params"] - default["params"]
         flags = r["flags"]
         if isinstance(flags, dict):
-            flags = [f"--{k} {v}" for k, v in flags.items() if k not in ("nsamples",)]
+            flags = [f"--{k} {_short(v)}" for k, v in flags.items() if k != "nsamples"]
         else:
             drop = {i + 1 for i, f in enumerate(flags) if f == "--base_model"}
             flags = [f for i, f in enumerate(flags) if f != "--base_model" and i not in drop]
-        text = " ".join(str(f) for f in flags)
+        text = " ".join(_short(f) for f in flags)
         for ugly in ("--device cpu --eval_device cpu ", "--num_examples 64 "):
             text = text.replace(ugly, "")
         cells = [
