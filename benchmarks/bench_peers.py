@@ -522,7 +522,7 @@ def run_ours(flags: list[str], out_name: str, args) -> tuple[nn.Module, list[str
     from minillm.model.loading import load_model
 
     out = Path(args.work_dir) / out_name
-    argv = ["--model", args.cache_dir, *flags, "--calib", args.calib]
+    argv = [args.cache_dir, *flags, "--calib", args.calib]
     argv += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     argv += ["--seed", str(args.seed), "--eval-text", "none", "--prompt", ""]
     argv += ["--out", str(out), "--overwrite", "--quiet"]

@@ -6,12 +6,13 @@ model in memory; ``minillm.save_pruned`` / ``minillm.load_pruned`` write and rea
 """
 
 __version__ = "0.1.0"
-__all__ = ["PruneConfig", "load_pruned", "prune_model", "save_pruned", "__version__"]
+__all__ = ["PruneConfig", "load_model", "load_pruned", "prune_model", "save_pruned", "__version__"]
 
 # lazy: importing minillm.kernels or minillm.config must not pull in transformers
 _EXPORTS = {
     "prune_model": "minillm.api",  # minillm.prune is the command's module
     "PruneConfig": "minillm.config",
+    "load_model": "minillm.model.loading",
     "save_pruned": "minillm.model.io",
     "load_pruned": "minillm.model.io",
 }
