@@ -124,7 +124,7 @@ def test_fms_without_a_block_by_block_spsa_is_refused(
 
 @pytest.mark.parametrize("family", ["llama-gqa"])
 def test_weights_larger_than_half_the_free_memory_stream_automatically(
-    sharded_model_dir, calib_file, tmp_path, monkeypatch
+    sharded_model_dir, calib_file, tmp_path, monkeypatch, capsys
 ):
     size = streaming.weights_bytes(sharded_model_dir, "float32")
     model = AutoModelForCausalLM.from_pretrained(sharded_model_dir)
@@ -135,6 +135,11 @@ def test_weights_larger_than_half_the_free_memory_stream_automatically(
     monkeypatch.setattr(streaming, "available_bytes", lambda device: 2 * size - 8)
     assert _prune(sharded_model_dir, calib_file, tmp_path / "b", "wanda-sp") == 0
     assert "streamed" in json.loads((tmp_path / "b" / "report.json").read_text())
+    # the default calibration (self-written) needs the whole model: the error says why the run
+    # streams, since the user passed no --offload
+    assert _prune(sharded_model_dir, "self", tmp_path / "c", "wanda-sp") == 2
+    err = capsys.readouterr().err
+    assert "--calib: 'self'" in err and "exceed half the free" in err and "--offload" not in err
 
 
 def _second_shard(path):
