@@ -5,9 +5,9 @@ The model is built from a config on the meta device and written tensor by tensor
 safetensors shards at ``--dtype``, float32 by default (:class:`minillm.model.shards.ShardWriter`;
 never materialized whole), with the SmolLM2 tokenizer (``--tokenizer``, e.g. the cache of
 ``benchmarks/_smollm2.py``). Each prune runs as its own ``python -m minillm.prune`` process;
-its peak is the process's resident high-water mark (``ru_maxrss`` from ``wait4``, which
-includes the interpreter and library baseline) and the per-phase peaks of its report
-(``minillm.memory``).
+its peak is the process's resident high-water mark, which includes the interpreter and library
+baseline: the largest of its report's per-phase peaks (``minillm.memory`` resets the mark at
+each phase, so ``ru_maxrss`` from ``wait4`` holds only the last phase's) and ``ru_maxrss``.
 
 ``--shape 7b --dtype bfloat16 --device cuda`` is the GPU variant: LLaMA-7B's shape, drawn on the
 GPU, pruned on it; each run's peak GPU memory is its report's per-phase
@@ -110,7 +110,7 @@ def prune(model: Path, out: Path, args, offload: bool, ranks: int = 1) -> dict:
         "offload": offload,
         "ranks": ranks,
         "wall_s": wall,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_rss_bytes": max(usage.ru_maxrss * 1024, report["peak_memory_bytes"]["total"]),
         "phase_peak_bytes": report["peak_memory_bytes"],
         "phase_time_s": report["time_s"],
         "score_s_per_block": report["time_s"]["score"] / n_blocks,

@@ -68,7 +68,7 @@ def prune_model(
 
     ``calibration``: text or token ids (see :func:`calibration_tokens`); None has the model
     write its own. ``options``: any field of :class:`~minillm.config.PruneConfig`
-    (``criterion="taylor"``, ``uniform=True``, ``layers="0-29"``, ...). Returns ``(model,
+    (``criterion="taylor"``, ``allocation="uniform"``, ``layers="0-29"``, ...). Returns ``(model,
     report)``: the same, now smaller, model and what was removed (kept heads and channels per
     layer, parameters before and after, forward passes). ValueError names a bad option.
     """

@@ -16,6 +16,7 @@ CHOICES = {
     "criterion": CRITERIA,
     "target": ("both", "heads", "channels"),
     "gqa": ("query", "kv"),
+    "allocation": ("damage", "global", "uniform"),
     "select": ("scores", "refit"),
     "gradients": ("spsa", "backprop"),
     "fms_variant": ("weight", "unit", "layer", "removal"),
@@ -34,7 +35,10 @@ class PruneConfig:
     criterion: str = "flap"
     target: str = "both"  # heads, channels or both
     layers: str | None = None  # "a-b"; None: LLM-Pruner's range, or every layer with uniform
-    uniform: bool = False  # the same ratio in every layer (default: one ranking per kind)
+    # how many units each layer loses: the least measured damage after the refit ("damage"),
+    # one ranking of scores per kind ("global"), the same ratio everywhere ("uniform");
+    # None: damage with the refit, global without
+    allocation: str | None = None
     gqa: str = "query"  # GQA: query heads evenly per KV group, or whole KV groups ("kv")
     nsamples: int = 32  # calibration sequences
     seqlen: int = 128  # tokens per calibration sequence
@@ -46,6 +50,9 @@ class PruneConfig:
     round_to: str | None = None  # "N" or "heads=N,channels=M": kept counts at multiples
     rank_together: bool = False  # global ranking: heads and channels in one list
     batch_size: int = 8  # sequences per scoring forward
+    damage_subset: int = 8  # damage: calibration sequences the KL is measured on
+    damage_steps: int = 8  # damage: removal grid per group, fractions k/steps of its units
+    damage_at: float = 0.5  # damage: the fraction removed where the KL is measured
     gradients: str = "spsa"  # fms: forward-only SPSA, or exact gradients
     fms_variant: str = "weight"  # fms: the gradient's resolution
     perturbations: int | None = None  # SPSA rounds over the calibration set (None: 4)
@@ -57,6 +64,11 @@ class PruneConfig:
     def refit(self) -> bool:
         """Whether the survivors are refit (``reconstruct``, on unless ``compensate``)."""
         return self.reconstruct if self.reconstruct is not None else not self.compensate
+
+    @property
+    def allocator(self) -> str:
+        """``allocation``, settled: damage with the refit, global without."""
+        return self.allocation or ("damage" if self.refit else "global")
 
     @property
     def kinds(self) -> list[str]:
@@ -92,7 +104,7 @@ def check(cfg: PruneConfig) -> None:
     """ValueError naming the option (as its flag) for a value no run can use."""
     for name, valid in CHOICES.items():
         value = getattr(cfg, name)
-        if value not in valid:
+        if value not in valid and not (name == "allocation" and value is None):
             raise ValueError(f"--{_flag(name)}: '{value}' is not one of {', '.join(valid)}")
     if not 0.0 < cfg.ratio < 1.0:
         raise ValueError(f"--ratio: {cfg.ratio} is out of range; use a fraction in (0, 1)")
@@ -104,6 +116,20 @@ def check(cfg: PruneConfig) -> None:
         raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {cfg.batch_size}")
+    if cfg.allocator == "damage" and not cfg.refit:
+        raise ValueError(
+            "--allocation damage: measures the damage after the refit; drop --no-reconstruct/"
+            "--compensate or pass --allocation global"
+        )
+    if cfg.rank_together and cfg.allocator != "global":
+        raise ValueError(
+            f"--rank-together: only with --allocation global (got {cfg.allocator}; damage "
+            "already weighs heads against channels)"
+        )
+    if cfg.damage_subset < 1 or cfg.damage_steps < 2 or not 0 < cfg.damage_at < 1:
+        raise ValueError(
+            "--damage-subset must be >= 1, --damage-steps >= 2 and --damage-at in (0, 1)"
+        )
 
 
 def _flag(name: str) -> str:

@@ -6,9 +6,11 @@ command for a model that fits) or streamed one decoder block at a time from its 
 
 1. :func:`score`: the criterion's unit scores through the block loop
    (:func:`minillm.scoring.sweep.score`);
-2. :func:`allocate`: the kept units of every group, one ranking per structure kind across the
-   pruned layers (or the same ratio in every layer with ``uniform``), counts rounded to
-   ``round_to`` multiples;
+2. :func:`allocate`: the kept units of every group. By default from measured damage: each
+   group's loss after its refit at a grid of sparsities, and the sparsities that minimize the
+   summed damage under the parameter budget (:mod:`minillm.scoring.damage`); or one ranking of
+   scores per structure kind (``global``), or the same ratio in every layer (``uniform``).
+   Counts rounded to ``round_to`` multiples;
 3. :func:`apply`: bottom-up through the block loop, each pruned layer's units removed and its
    consumers refit on the calibration text as it reaches the layer through the pruned layers
    below (:func:`minillm.blocks.reconstruct.prune_sequential`), or FLAP's bias compensation and
@@ -31,7 +33,7 @@ from minillm.blocks.resume import ResumeState
 from minillm.config import PruneConfig
 from minillm.model.adapters import Adapter, Group, adapter_for
 from minillm.model.surgery import count_params, layer_records, prune_layer
-from minillm.scoring import allocation, sweep
+from minillm.scoring import allocation, damage, sweep
 from minillm.scoring.criteria import Scores, ScoringContext, compensate
 
 DATA_FREE_CRITERIA = ("random", "magnitude")  # these never look at calibration text
@@ -63,9 +65,9 @@ def needs_calibration(cfg: PruneConfig) -> bool:
 
 
 def pruned_layers(cfg: PruneConfig, n_layers: int) -> list[int]:
-    """``cfg.layers``; unset, every layer with ``uniform`` (so every layer keeps the same
-    sizes, a plain architecture), else LLM-Pruner's range."""
-    if cfg.layers is None and cfg.uniform:
+    """``cfg.layers``; unset, every layer with the ``uniform`` allocation (so every layer keeps
+    the same sizes, a plain architecture), else LLM-Pruner's range."""
+    if cfg.layers is None and cfg.allocator == "uniform":
         return list(range(n_layers))
     return allocation.parse_layers(cfg.layers, n_layers)
 
@@ -89,26 +91,59 @@ def start(
 
 
 def score(job: Pruning) -> None:
-    """Step 1: ``job.scores``, one ``[n_units]`` tensor per group (higher = more important)."""
+    """Step 1: ``job.scores``, one ``[n_units]`` tensor per group (higher = more important).
+
+    With the damage allocation, FLAP's scores come from the Gram matrices its sweep collects
+    anyway (:func:`minillm.scoring.damage.flap_from_gram`): no pass here."""
+    if job.cfg.allocator == "damage" and job.cfg.criterion == "flap":
+        return
     job.scores = sweep.score(job.ctx, job.cfg)
 
 
 def allocate(job: Pruning) -> None:
     """Step 2: ``job.keep``, the kept unit ids of every group."""
     cfg = job.cfg
-    keep = allocation.allocate(
-        job.groups,
-        job.scores,
-        cfg.ratio,
-        cfg.criterion,
-        job.ctx.options,
-        per_layer=cfg.uniform,
-        together=cfg.rank_together,
-    )
+    if cfg.allocator == "damage":
+        keep = _damage_keep(job)
+    else:
+        keep = allocation.allocate(
+            job.groups,
+            job.scores,
+            cfg.ratio,
+            cfg.criterion,
+            job.ctx.options,
+            per_layer=cfg.allocator == "uniform",
+            together=cfg.rank_together,
+        )
     multiples = allocation.parse_round_to(cfg.round_to)
     if multiples:
         keep = allocation.round_to_multiples(job.groups, job.scores, keep, multiples)
     job.keep = keep
+
+
+def _damage_keep(job: Pruning) -> dict[tuple[int, str], torch.Tensor]:
+    """Kept units from the damage table (one more sweep), ``ratio`` of the pruned groups'
+    parameters in one budget; fills ``job.scores`` from the table's order when empty."""
+    cfg = job.cfg
+    table = damage.measure_damage(
+        job.model,
+        job.adapter,
+        job.tokens,
+        job.groups,
+        job.scores or None,
+        steps=cfg.damage_steps,
+        subset=cfg.damage_subset,
+        at=cfg.damage_at,
+        batch_size=cfg.batch_size,
+        ridge=cfg.ridge,
+        spill=cfg.spill,
+        source=job.source,
+    )
+    job.ctx.count(-(-job.tokens.shape[0] // cfg.batch_size))  # the Gram sweep
+    budget = round(cfg.ratio * allocation.prunable_params(job.groups))
+    chosen = damage.allocate(table.options, budget)
+    job.scores = job.scores or damage.scores_from_order(table.order)
+    return damage.keep_from_allocation(job.groups, table.order, chosen)
 
 
 @torch.no_grad()
@@ -147,6 +182,7 @@ def report(job: Pruning) -> dict:
         "architecture": job.adapter.name,
         "criterion": job.cfg.criterion,
         "ratio": job.cfg.ratio,
+        "allocation": job.cfg.allocator,
         "params_before": job.params_before,
         "params_after": count_params(job.model),
         "prunable_params": prunable,

@@ -73,10 +73,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "layers, as LLM-Pruner; every layer with --uniform)",
     )
     r.add_argument(
+        "--allocation",
+        choices=CHOICES["allocation"],
+        help="how many units each layer loses: the least damage measured after the refit "
+        "(heads and channels in one budget), one global ranking of scores per kind, or the "
+        "same ratio in every layer (default: damage with the refit, global without)",
+    )
+    r.add_argument(
         "--uniform",
-        action="store_true",
-        help="the same ratio in every layer: a plain architecture that stock transformers, "
-        "vLLM and llama.cpp load (default: one global ranking per structure kind)",
+        action="store_const",
+        const="uniform",
+        dest="allocation",
+        help="= --allocation uniform: every layer the same sizes, a plain architecture that "
+        "stock transformers, vLLM and llama.cpp load",
     )
     r.add_argument(
         "--gqa",
@@ -139,7 +148,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--rank-together",
         action="store_true",
-        help="global ranking: heads and channels in one list (default: apart)",
+        help="--allocation global: heads and channels in one list (default: apart)",
+    )
+    a.add_argument(
+        "--damage-subset", type=int, default=D.damage_subset, help="damage: KL on N sequences"
+    )
+    a.add_argument(
+        "--damage-steps",
+        type=int,
+        default=D.damage_steps,
+        help="damage: removal grid per layer, fractions k/N of its units",
+    )
+    a.add_argument(
+        "--damage-at",
+        type=float,
+        default=D.damage_at,
+        help="damage: the fraction removed whose KL is measured end to end (the other grid "
+        "points follow the refit's error curve)",
     )
     a.add_argument("--batch-size", type=int, default=D.batch_size, help="sequences per forward")
     a.add_argument(
@@ -208,7 +233,8 @@ def summary(report: dict) -> str:
     """Human-readable summary of a report (stdout)."""
     lines = [
         f"model      {report['model']} ({report['architecture']})",
-        f"criterion  {report['criterion']}  --ratio {report['ratio']}",
+        f"criterion  {report['criterion']}  --ratio {report['ratio']}  "
+        f"--allocation {report['allocation']}",
         *removed_lines(report),
     ]
     if report["ppl_before"] is not None:

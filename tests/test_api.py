@@ -53,7 +53,7 @@ def test_api_takes_text_and_saves_a_loadable_model_with_its_card(tmp_path):
     model, tokenizer = make_tiny_model("llama-gqa"), tiny_tokenizer()
     texts = [random_text(600, seed) for seed in range(4)]
     model, report = minillm.prune_model(
-        model, tokenizer, ratio=0.5, calibration=texts, nsamples=8, seqlen=16, uniform=True
+        model, tokenizer, ratio=0.5, calibration=texts, nsamples=8, seqlen=16, allocation="uniform"
     )
     assert report["pruned_layers"] == [0, 1, 2]  # uniform: every layer, the same sizes
     assert len({(r["heads"], r["channels"]) for r in report["layers"]}) == 1

@@ -243,6 +243,12 @@ class HiddenStore:
         if not self._keep:
             del self.counts[layer]
 
+    def get(self, layer: int, j: int, device: torch.device) -> torch.Tensor:
+        """Micro-batch ``j`` of ``layer``, left in the store (read again for each use)."""
+        if self._dir is None:
+            return self._mem[layer][j]
+        return torch.load(self._dir / f"{layer}-{j}.pt").to(device)
+
     def discard(self, layer: int) -> None:
         """Remove the stored micro-batches of ``layer``."""
         self._mem.pop(layer, None)

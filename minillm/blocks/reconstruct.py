@@ -127,16 +127,18 @@ def solve_refit(
     bias: torch.Tensor | None,
     kept: torch.Tensor,
     ridge: float,
+    info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`refit_weights` from its :func:`normal_equations`. Consumes them: ``rhs`` is
-    overwritten and ``a``'s storage is released once factored (also for the caller's handle),
-    so the system and its Cholesky factor are not both kept through the solve."""
+    overwritten (with ``rhs + lam W_K^T``) and ``a``'s storage is released once factored (also
+    for the caller's handle), so the system and its Cholesky factor are not both kept through
+    the solve. ``info``, if given, receives the ridge ``lam`` the solve used."""
     k = kept.numel()
     lam = ridge * a[:k, :k].diagonal().mean().clamp_min(1e-12)
     for _ in range(5):
         a.diagonal()[:k] += lam  # in place: the system is the largest matrix of the solve
-        chol, info = torch.linalg.cholesky_ex(a)
-        if info == 0:
+        chol, status = torch.linalg.cholesky_ex(a)
+        if status == 0:
             break
         a.diagonal()[:k] -= lam
         lam = lam * 10
@@ -147,6 +149,8 @@ def solve_refit(
             "(--nsamples/--seqlen) or a larger --ridge"
         )
     a.set_()  # the factor replaces the system
+    if info is not None:
+        info["lam"] = float(lam)
     for s in range(0, k, GRAM_SLAB):
         cols = kept[s : s + GRAM_SLAB]
         rhs[s : s + cols.numel()] += lam * weight[:, cols].t().double()
