@@ -1,10 +1,12 @@
 """The peak memory the prune command reports, per criterion, side by side in one run.
 
-Runs ``python -m minillm.prune`` once per ``--criteria`` entry (each its own process, default
-allocator settings, as a user runs it) on the same model and calibration, and prints one JSON
-(stdout): each run's ``report.json`` peaks per phase and their ratio to ``wanda-sp``'s scoring
-peak. The CPU peak is the process's resident high-water mark, reset at each phase
-(``minillm.memory``), so it includes the interpreter, the libraries and the model itself.
+Runs ``python -m minillm.prune`` once per ``--runs`` entry (``NAME=FLAGS``, each its own
+process, as a user runs it) on the same model and calibration, and prints one JSON (stdout):
+each run's ``report.json`` peaks per phase and their ratio to the first run's scoring peak (by
+default ``wanda-sp`` with the one-ranking allocation: its scoring alone). The CPU peak is the
+process's resident high-water mark, reset at each phase (``minillm.memory``), so it includes
+the interpreter, the libraries and the model itself. The ``score`` phase includes the
+allocation (the damage sweep of the default).
 
 Command (see BENCHMARKS.md, "Memory")::
 
@@ -23,10 +25,18 @@ from pathlib import Path
 PHASES = ("load", "calibrate", "eval_before", "score", "prune", "eval_after", "save")
 
 
-def run_prune(args, criterion: str) -> dict:
-    out = args.work_dir / criterion
+RUNS = (
+    "wanda-sp=--criterion wanda-sp --allocation global",
+    "default=",
+    "global=--allocation global",
+    "taylor=--criterion taylor",
+)
+
+
+def run_prune(args, name: str, flags: str) -> dict:
+    out = args.work_dir / name
     cmd = [sys.executable, "-m", "minillm.prune", *([args.model] if args.model else [])]
-    cmd += ["--criterion", criterion, "--calib", args.calib, "--nsamples", str(args.nsamples)]
+    cmd += [*flags.split(), "--calib", args.calib, "--nsamples", str(args.nsamples)]
     cmd += ["--seqlen", str(args.seqlen), "--out", str(out), "--overwrite", "--quiet"]
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -40,13 +50,13 @@ def main() -> None:
     p.add_argument("--calib", required=True, help="calibration text file")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--criteria", default="wanda-sp,flap,taylor", help="flap is the default")
+    p.add_argument("--runs", nargs="+", default=RUNS, help="NAME=FLAGS; the first is the base")
     p.add_argument("--work-dir", type=Path, required=True)
     args = p.parse_args()
-    runs = {c: run_prune(args, c) for c in args.criteria.split(",")}
-    base = runs["wanda-sp"]["peak_mib"]["score"]
+    runs = {n: run_prune(args, n, f) for n, _, f in (r.partition("=") for r in args.runs)}
+    base = next(iter(runs.values()))["peak_mib"]["score"]
     for run in runs.values():
-        run["x_wanda_sp_score"] = {
+        run["x_base_score"] = {
             phase: round(run["peak_mib"][phase] / base, 3) for phase in ("score", "prune")
         }
     print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=2))
