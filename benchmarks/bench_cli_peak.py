@@ -1,4 +1,4 @@
-"""The peak memory the prune command reports, per criterion, side by side in one run.
+"""The peak memory the prune command reports, per configuration, side by side in one run.
 
 Runs ``python -m minillm.prune`` once per ``--runs`` entry (``NAME=FLAGS``, each its own
 process, as a user runs it) on the same model and calibration, and prints one JSON (stdout):

@@ -126,8 +126,8 @@ def test_relative_error_from_the_normal_equations_is_the_direct_one(family):
     x = torch.cat(inputs).double()
     cols = torch.arange(0, lin.in_features, 3)
     weight, bias, err = damage.GroupFit(lin.weight, lin.bias, gram).fit(cols, ridge=0.1)
-    w, b = lin.weight.detach().double(), lin.bias
-    dense = x @ w.t() + (b.detach().double() if b is not None else 0)
+    bias_in = lin.bias.detach().double() if lin.bias is not None else 0
+    dense = x @ lin.weight.detach().double().t() + bias_in
     refit = x[:, cols] @ weight.t() + bias
     want = float((dense - refit).pow(2).sum() / dense.pow(2).sum())
     assert math.isclose(err, want, rel_tol=1e-6)
